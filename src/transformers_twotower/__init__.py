@@ -1,0 +1,20 @@
+"""Nemotron-Labs-TwoTower for Hugging Face Transformers."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .cache_twotower import DenoiserContext, TwoTowerCache
+from .configuration_twotower import TwoTowerConfig
+from .modeling_twotower import TwoTowerForDiffusionLM, TwoTowerPreTrainedModel
+
+
+AutoConfig.register("twotower", TwoTowerConfig, exist_ok=True)
+AutoModel.register(TwoTowerConfig, TwoTowerForDiffusionLM, exist_ok=True)
+AutoModelForCausalLM.register(TwoTowerConfig, TwoTowerForDiffusionLM, exist_ok=True)
+
+__all__ = [
+    "DenoiserContext",
+    "TwoTowerCache",
+    "TwoTowerConfig",
+    "TwoTowerForDiffusionLM",
+    "TwoTowerPreTrainedModel",
+]

@@ -1,0 +1,551 @@
+"""Nemotron-Labs-TwoTower: a frozen autoregressive Nemotron-H context tower and a block-diffusion denoiser tower.
+
+Both towers are transformers' Nemotron-H. What TwoTower changes lives in four places, named as in ARCHITECTURE.md:
+
+1. adaLN-single time conditioning: `TwoTowerTimestepEmbedder`, `t_block`, `scale_shift_tables`, and
+   `TwoTowerDenoiserBlock` (which puts the modulation before or after the norm depending on the layer type);
+2. layer-aligned joint attention over the context K/V plus the block: `TwoTowerAttention.joint_forward`;
+3. context-seeded Mamba: `TwoTowerMamba2Mixer.seeded_forward`;
+4. the denoiser's own head: `TwoTowerForDiffusionLM.lm_head`.
+
+The context tower writes a `TwoTowerCache`; the denoiser reads it through a `DenoiserContext`.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightConverter
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.nemotron_h.modeling_nemotron_h import (
+    MIXER_TYPES,
+    NemotronHAttention,
+    NemotronHBlock,
+    NemotronHMamba2Mixer,
+    NemotronHModel,
+    NemotronHPreTrainedModel,
+    NemotronHRMSNorm,
+    causal_conv1d_fn,
+    eager_attention_forward,
+    mamba2_chunk_scan,
+)
+
+from .cache_twotower import DenoiserContext, TwoTowerCache, additive_mask
+from .configuration_twotower import TwoTowerConfig
+
+
+# The release stores one module per expert; transformers' Nemotron-H stacks them into 3-D tensors when loading (and
+# splits them again when saving). Reuse exactly those rules; Nemotron-H's `backbone.` -> `model.` rename does not
+# apply to TwoTower's `context_tower.` / `denoiser_tower.` keys.
+register_checkpoint_conversion_mapping(
+    "twotower",
+    [rule for rule in get_checkpoint_conversion_mapping("nemotron_h") if isinstance(rule, WeightConverter)],
+    overwrite=True,
+)
+
+
+class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
+    """Nemotron-H's Mamba-2 mixer with the release's `dt` clamp, plus the denoiser's context-seeded scan."""
+
+    def __init__(self, config: TwoTowerConfig, layer_idx: int):
+        super().__init__(config, layer_idx=layer_idx)
+        # transformers clamps dt from below at `time_step_min`; the release clamps with `time_step_limit` ([0, inf]).
+        self.time_step_limit = tuple(config.time_step_limit)
+
+    def seeded_forward(
+        self, hidden_states: torch.Tensor, conv_history: torch.Tensor, ssm_state: torch.Tensor
+    ) -> torch.Tensor:
+        """Run the mixer over a block, starting from a context's Mamba state; writes nothing back.
+
+        hidden_states: (B, L, H); conv_history: (B, conv_dim, K - 1) raw xBC inputs; ssm_state: (B, heads, hd, N).
+        """
+        batch_size, length, _ = hidden_states.shape
+        gate, xBC, dt = self.in_proj(hidden_states).split(
+            [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1
+        )
+
+        # 1. Causal conv over [context history | block]; keep the block's outputs.
+        xBC = torch.cat([conv_history.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)  # (B, conv_dim, K - 1 + L)
+        xBC = causal_conv1d_fn(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation)
+        xBC = xBC[..., -length:].transpose(1, 2)  # (B, L, conv_dim)
+        groups_state = self.n_groups * self.ssm_state_size
+        x, B, C = xBC.split([self.intermediate_size, groups_state, groups_state], dim=-1)
+
+        # 2. SSM scan in fp32 from the context's state.
+        y = mamba2_chunk_scan(
+            x.float().reshape(batch_size, length, self.num_heads, self.head_dim).contiguous(),
+            dt.float().contiguous(),
+            -torch.exp(self.A_log.float()),
+            B.float().reshape(batch_size, length, self.n_groups, self.ssm_state_size).contiguous(),
+            C.float().reshape(batch_size, length, self.n_groups, self.ssm_state_size).contiguous(),
+            chunk_size=self.chunk_size,
+            D=self.D.float(),
+            dt_bias=self.dt_bias.float(),
+            initial_states=ssm_state.float(),
+            dt_softplus=True,
+            dt_limit=self.time_step_limit,
+        )  # (B, L, heads, hd)
+
+        # 3. Gated group norm, output projection.
+        y = self.norm(y.reshape(batch_size, length, -1), gate)
+        return self.out_proj(y.to(hidden_states.dtype))
+
+
+class TwoTowerAttention(NemotronHAttention):
+    """Nemotron-H attention (no positional encoding), plus the denoiser's joint attention over context + block."""
+
+    def joint_forward(
+        self,
+        hidden_states: torch.Tensor,
+        context_keys: torch.Tensor,
+        context_values: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        num_blocks: int = 1,
+    ) -> torch.Tensor:
+        """Queries from the block(s); keys/values = [this layer's context K/V | the blocks' own K/V], no causal mask.
+
+        hidden_states: (B * nb, S, H), context K/V: (B, kv_heads, T, hd), attention_mask: additive, broadcastable to
+        (B, heads, nb * S, T + nb * S), or None for "every key visible".
+        """
+        rows, length, _ = hidden_states.shape
+        hidden_states = hidden_states.reshape(rows // num_blocks, num_blocks * length, -1)  # (B, nb * S, H)
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, heads, nb * S, hd)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, kv_heads, nb * S, hd)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = torch.cat([context_keys.to(key.dtype), key], dim=2)  # (B, kv_heads, T + nb * S, hd)
+        value = torch.cat([context_values.to(value.dtype), value], dim=2)
+
+        # Arbitrary masks need eager or sdpa; other kernels (flash) cannot express the block structure.
+        implementation = self.config._attn_implementation
+        implementation = implementation if implementation in ("eager", "sdpa") else "sdpa"
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        output, _ = attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=False,
+        )  # (B, nb * S, heads, hd)
+        output = output.reshape(rows, length, -1)
+        return self.o_proj(output)
+
+
+TWOTOWER_MIXER_TYPES = {**MIXER_TYPES, "linear_attention": TwoTowerMamba2Mixer, "full_attention": TwoTowerAttention}
+
+
+class TwoTowerBlock(NemotronHBlock):
+    """A Nemotron-H block built from TwoTower's mixers; the context tower runs Nemotron-H's own `forward`."""
+
+    def __init__(self, config: TwoTowerConfig, layer_idx: int):
+        nn.Module.__init__(self)
+        self.config = config
+        self.layer_idx = layer_idx
+        self.norm = NemotronHRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.block_type = config.layers_block_type[layer_idx]
+        self.mixer = TWOTOWER_MIXER_TYPES[self.block_type](config, layer_idx=layer_idx)
+
+
+class TwoTowerDenoiserBlock(TwoTowerBlock):
+    """A denoiser block: adaLN-single modulation, joint attention, seeded Mamba (ARCHITECTURE.md §4)."""
+
+    def forward(
+        self, hidden_states: torch.Tensor, modulation: torch.Tensor | None, context: DenoiserContext
+    ) -> torch.Tensor:
+        """hidden_states: (B * nb, S, H); modulation: (B * nb, 3, H) rows (shift, scale, gate), or None for no
+        time conditioning at all."""
+        normed_first = self.block_type in ("moe", "mlp")
+        if modulation is None:
+            normed = self.norm(hidden_states)
+        else:
+            shift, scale, gate = modulation[:, :, None, :].unbind(1)  # each (B * nb, 1, H)
+            if normed_first:  # MoE / MLP: modulate(RMSNorm(x))
+                normed = self.norm(hidden_states) * (1 + scale) + shift
+            else:  # Mamba / attention: RMSNorm(modulate(x))
+                normed = self.norm(hidden_states * (1 + scale) + shift)
+
+        if self.block_type == "linear_attention":
+            out = self.mixer.seeded_forward(
+                normed, context.conv_history[self.layer_idx], context.ssm_states[self.layer_idx]
+            )
+        elif self.block_type == "full_attention":
+            out = self.mixer.joint_forward(
+                normed,
+                context.keys[self.layer_idx],
+                context.values[self.layer_idx],
+                context.attention_mask,
+                context.num_blocks,
+            )
+        else:
+            out = self.mixer(normed)
+
+        if modulation is not None:
+            out = gate * out
+        return hidden_states + out
+
+
+class TwoTowerTower(NemotronHModel):
+    """One Nemotron-H backbone (`embeddings`, `layers`, `norm_f`) built from TwoTower blocks."""
+
+    def __init__(self, config: TwoTowerConfig, block_class: type[TwoTowerBlock] = TwoTowerBlock):
+        NemotronHPreTrainedModel.__init__(self, config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([block_class(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+        self.norm_f = NemotronHRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.post_init()
+
+
+class TwoTowerTimestepEmbedder(nn.Module):
+    """`t` -> sinusoidal features (cos half, then sin half) of `t * scale` -> Linear, SiLU, Linear."""
+
+    def __init__(self, config: TwoTowerConfig):
+        super().__init__()
+        self.frequency_size = config.time_embedding_size
+        self.scale = config.time_embedding_scale
+        self.mlp = nn.Sequential(
+            nn.Linear(config.time_embedding_size, config.hidden_size),
+            nn.SiLU(),
+            nn.Linear(config.hidden_size, config.hidden_size),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        dtype = self.mlp[0].weight.dtype
+        # Like the release: the scaling happens in the model dtype, the sinusoid in fp32.
+        u = (t.to(dtype) * self.scale).float()  # (B,)
+        half = self.frequency_size // 2
+        frequencies = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        angles = u[:, None] * frequencies[None]  # (B, half)
+        features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+        return self.mlp(features.to(dtype))
+
+
+class TwoTowerPreTrainedModel(NemotronHPreTrainedModel):
+    config_class = TwoTowerConfig
+    config: TwoTowerConfig
+    base_model_prefix = "denoiser_tower"
+    _no_split_modules = ["TwoTowerBlock", "TwoTowerDenoiserBlock"]
+    _supports_flash_attn = False
+    _supports_flash_attn_2 = False
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, TwoTowerForDiffusionLM):
+            for table in module.scale_shift_tables:
+                init.normal_(table, std=self.config.hidden_size**-0.5)
+
+
+class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel):
+    """Nemotron-Labs-TwoTower.
+
+    - `model(input_ids)` returns the context tower's next-token logits (like the release's `forward`).
+    - `model(input_ids, labels=...)` returns the block-wise masked-diffusion loss (ARCHITECTURE.md §6).
+    - `prefill`, `extend_context` and `denoise_step` are the inference building blocks generation is made of.
+    """
+
+    def __init__(self, config: TwoTowerConfig):
+        super().__init__(config)
+        self.context_tower = TwoTowerTower(config)
+        self.context_lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.denoiser_tower = TwoTowerTower(config, block_class=TwoTowerDenoiserBlock)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.t_embedder = TwoTowerTimestepEmbedder(config)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(config.hidden_size, 3 * config.hidden_size))
+        self.scale_shift_tables = nn.ParameterList(
+            [nn.Parameter(torch.zeros(3, config.hidden_size)) for _ in range(config.num_hidden_layers)]
+        )
+        self.post_init()
+        if config.freeze_context_tower:
+            self.freeze_context_tower()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Module plumbing
+
+    def freeze_context_tower(self):
+        for parameter in [*self.context_tower.parameters(), *self.context_lm_head.parameters()]:
+            parameter.requires_grad_(False)
+
+    @staticmethod
+    def _finalize_model_loading(model, load_config, loading_info):
+        # Loading replaces every parameter with a fresh, trainable one: freeze the context tower again afterwards.
+        loading_info = TwoTowerPreTrainedModel._finalize_model_loading(model, load_config, loading_info)
+        if model.config.freeze_context_tower:
+            model.freeze_context_tower()
+        return loading_info
+
+    def train(self, mode: bool = True):
+        """The context tower is frozen and always runs in eval mode (no dropout, never gradient-checkpointed)."""
+        super().train(mode)
+        self.context_tower.eval()
+        return self
+
+    def get_input_embeddings(self):
+        return self.denoiser_tower.embeddings
+
+    def set_input_embeddings(self, value):
+        self.denoiser_tower.embeddings = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Context tower: writes the cache
+
+    @torch.no_grad()
+    def _run_context_tower(self, token_ids: torch.Tensor, cache: TwoTowerCache) -> torch.Tensor:
+        """Append `token_ids` (B, L) to the cache (whose `attention_mask` already covers them); returns the context
+        tower's last hidden state (B, L, H)."""
+        mask = cache.attention_mask
+        hidden = self.context_tower(
+            input_ids=token_ids,
+            attention_mask=None if bool(mask.all()) else mask,
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
+        cache.record_written(token_ids.shape[1])
+        return hidden
+
+    def _zero_mamba_states(self, batch_size: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The Mamba states of an empty context."""
+        mixer = next(layer.mixer for layer in self.context_tower.layers if layer.block_type == "linear_attention")
+        weight = mixer.in_proj.weight
+        conv = torch.zeros(batch_size, mixer.conv_dim, mixer.conv_kernel_size, dtype=weight.dtype, device=weight.device)
+        ssm = torch.zeros(
+            batch_size, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, dtype=torch.float32, device=weight.device
+        )
+        return {
+            i: (conv.clone(), ssm.clone())
+            for i, kind in enumerate(self.config.layers_block_type)
+            if kind == "linear_attention"
+        }
+
+    @staticmethod
+    def _check_left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"`input_ids` must have shape (batch, length >= 1), got {tuple(input_ids.shape)}.")
+        if attention_mask is None:
+            return torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, "
+                f"got {tuple(attention_mask.shape)}."
+            )
+        mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+        if (mask[:, 1:] < mask[:, :-1]).any() or not bool(mask[:, -1].all()):
+            raise ValueError(
+                "`attention_mask` must describe LEFT padding (zeros, then ones, ending on a real token in every row); "
+                "pad prompts on the left (`tokenizer.padding_side = 'left'`)."
+            )
+        return mask
+
+    def prefill(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> TwoTowerCache:
+        """Run the context tower over left-padded prompts `(B, T)` and return their cache.
+
+        Like the release, the prompt is read in two passes (all but the last token, then the last token) so that the
+        cache also holds the Mamba states one token behind, which Mock-AR reads.
+        """
+        mask = self._check_left_padded(input_ids, attention_mask)
+        cache = TwoTowerCache(self.config)
+        if input_ids.shape[1] > 1:
+            cache.attention_mask = mask[:, :-1]
+            self._run_context_tower(input_ids[:, :-1], cache)
+            cache.previous_mamba_states = cache.snapshot_mamba_states()
+        else:
+            cache.previous_mamba_states = self._zero_mamba_states(input_ids.shape[0])
+        cache.attention_mask = mask
+        hidden = self._run_context_tower(input_ids[:, -1:], cache)
+        cache.next_token_logits = self.context_lm_head(hidden[:, -1]).float()
+        return cache
+
+    def extend_context(
+        self, cache: TwoTowerCache, token_ids: torch.LongTensor, keep_previous: bool = True
+    ) -> TwoTowerCache:
+        """Append committed tokens `(B, L)` to the context (the prefix is never recomputed) and return the cache.
+
+        For a single token the Mamba states before it are kept for Mock-AR (unless `keep_previous=False`); a
+        multi-token block drops them.
+        """
+        if token_ids.dim() != 2 or token_ids.shape[0] != cache.attention_mask.shape[0] or token_ids.shape[1] == 0:
+            raise ValueError(
+                f"`token_ids` must have shape (batch={cache.attention_mask.shape[0]}, length >= 1), "
+                f"got {tuple(token_ids.shape)}."
+            )
+        single = token_ids.shape[1] == 1
+        cache.previous_mamba_states = cache.snapshot_mamba_states() if single and keep_previous else None
+        cache.attention_mask = torch.cat([cache.attention_mask, torch.ones_like(token_ids)], dim=1)
+        hidden = self._run_context_tower(token_ids, cache)
+        cache.next_token_logits = self.context_lm_head(hidden[:, -1]).float()
+        return cache
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Denoiser tower: reads the cache
+
+    def time_embedding(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """`t` (rows,) -> `t_block(t_embedder(t))` viewed as (rows, 3, H); None stays None (no modulation)."""
+        if t is None:
+            return None
+        return self.t_block(self.t_embedder(t)).view(t.shape[0], 3, self.config.hidden_size)
+
+    def _denoise(
+        self, block_ids: torch.LongTensor, context: DenoiserContext, t: torch.Tensor | None
+    ) -> torch.Tensor:
+        """block_ids (B * nb, S) -> fp32 logits (B * nb, S, V)."""
+        hidden = self.denoiser_tower.embeddings(block_ids)
+        t_emb = self.time_embedding(t)
+        for layer, table in zip(self.denoiser_tower.layers, self.scale_shift_tables):
+            modulation = None if t_emb is None else table + t_emb  # (B * nb, 3, H): shift, scale, gate
+            hidden = layer(hidden, modulation, context=context)
+        hidden = self.denoiser_tower.norm_f(hidden)
+        return self.lm_head(hidden).float()
+
+    def denoise_step(
+        self, block_ids: torch.LongTensor, cache: TwoTowerCache, t: torch.Tensor | None, behind: bool = False
+    ) -> torch.Tensor:
+        """The denoiser's fp32 logits `(B, L, V)` for noisy blocks `(B, L)` after the cached context.
+
+        `t` is `(B,)` (each row's masked fraction) or None for no time conditioning. `behind=True` reads the context
+        one token behind (Mock-AR).
+        """
+        if block_ids.dim() != 2 or block_ids.shape[0] != cache.attention_mask.shape[0]:
+            raise ValueError(
+                f"`block_ids` must have shape (batch={cache.attention_mask.shape[0]}, length), "
+                f"got {tuple(block_ids.shape)}."
+            )
+        if t is not None and t.shape != (block_ids.shape[0],):
+            raise ValueError(f"`t` must have shape ({block_ids.shape[0]},) or be None, got {tuple(t.shape)}.")
+        context = cache.denoiser_context(block_ids.shape[1], behind=behind)
+        return self._denoise(block_ids, context, t)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Training: block-wise masked diffusion
+
+    @torch.no_grad()
+    def _training_context(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> DenoiserContext:
+        """Run the context tower once over the clean sequence `(B, nb * S)`, one block at a time, keeping what each
+        block's denoiser pass needs: all K/V, and the Mamba states at the start of every block."""
+        batch_size, length = input_ids.shape
+        block_size = self.config.block_size
+        num_blocks = length // block_size
+
+        cache = TwoTowerCache(self.config)
+        cache.attention_mask = attention_mask[:, :0]
+        seeds = [self._zero_mamba_states(batch_size)]
+        for b in range(num_blocks):
+            if b > 0:
+                seeds.append(cache.snapshot_mamba_states())
+            cache.attention_mask = attention_mask[:, : (b + 1) * block_size]
+            self._run_context_tower(input_ids[:, b * block_size : (b + 1) * block_size], cache)
+
+        # (B, nb, ...) -> (B * nb, ...): one row per block, matching the denoiser's layout.
+        def per_block(index: int, layer: int) -> torch.Tensor:
+            stacked = torch.stack([seed[layer][index] for seed in seeds], dim=1)
+            return stacked.flatten(0, 1)
+
+        conv_history = {i: per_block(0, i)[..., 1:] for i in cache.mamba_layers}
+        ssm_states = {i: per_block(1, i) for i in cache.mamba_layers}
+        keys = {i: cache.layers[i].keys for i in cache.attention_layers}
+        values = {i: cache.layers[i].values for i in cache.attention_layers}
+
+        # Block b's queries see clean context positions < b * S and their own (noisy) block.
+        block_of = torch.arange(length, device=input_ids.device) // block_size
+        sees_context = block_of[None, :] < block_of[:, None]  # (query, key)
+        sees_block = block_of[None, :] == block_of[:, None]
+        visible = torch.cat([sees_context, sees_block], dim=1)[None]  # (1, N, 2N)
+        key_real = attention_mask.bool().repeat(1, 2)[:, None, :]  # (B, 1, 2N)
+        dtype = next(iter(keys.values())).dtype if keys else self.dtype
+        mask = additive_mask((visible & key_real)[:, None], dtype)  # (B, 1, N, 2N)
+        return DenoiserContext(keys, values, conv_history, ssm_states, mask, num_blocks=num_blocks)
+
+    def _draw_noise_mask(
+        self, maskable: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """Per block, t ~ U(0, 1]; each maskable token is masked with probability t. maskable: (B, nb, S)."""
+        batch_size, num_blocks, block_size = maskable.shape
+        device = maskable.device
+        t = 1.0 - torch.rand(batch_size, num_blocks, 1, generator=generator, device=device)
+        draws = torch.rand(batch_size, num_blocks, block_size, generator=generator, device=device)
+        return (draws < t) & maskable
+
+    def diffusion_loss(
+        self,
+        input_ids: torch.LongTensor,
+        labels: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        noise_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block-wise masked-diffusion loss (ARCHITECTURE.md §6). Returns `(loss, logits, noise_mask)`.
+
+        Positions whose label is -100 are never masked (prompt or padding stays clean context). `noise_mask` (B, N)
+        fixes which positions are masked instead of drawing them. Logits are `(B, N, V)` fp32 (sequence padded to
+        whole blocks, then trimmed back).
+        """
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"`labels` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(labels.shape)}.")
+        batch_size, length = input_ids.shape
+        block_size = self.config.block_size
+        num_blocks = -(-length // block_size)
+        pad = num_blocks * block_size - length
+
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
+        maskable = (labels != -100) & mask.bool()
+        if noise_mask is None:
+            noise_mask = self._draw_noise_mask(F.pad(maskable, (0, pad)).view(batch_size, num_blocks, block_size), generator)
+            noise_mask = noise_mask.view(batch_size, -1)[:, :length]
+        elif noise_mask.shape != input_ids.shape:
+            raise ValueError(f"`noise_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(noise_mask.shape)}.")
+        noise_mask = noise_mask.bool() & maskable
+
+        # Whole blocks: pad the tail with invisible positions.
+        clean = F.pad(input_ids, (0, pad), value=self.config.mask_token_id)
+        mask = F.pad(mask, (0, pad), value=0)
+        padded_noise = F.pad(noise_mask, (0, pad), value=False)
+        noisy = clean.masked_fill(padded_noise, self.config.mask_token_id)
+        t = padded_noise.view(batch_size * num_blocks, block_size).float().mean(-1)  # each block's masked fraction
+
+        context = self._training_context(clean, mask)
+        logits = self._denoise(noisy.view(batch_size * num_blocks, block_size), context, t)
+        logits = logits.view(batch_size, num_blocks * block_size, -1)[:, :length]
+
+        if noise_mask.any():
+            loss = F.cross_entropy(logits[noise_mask], labels[noise_mask])
+        else:  # nothing masked: a zero that still belongs to the graph
+            loss = logits.sum() * 0.0
+        return loss, logits, noise_mask
+
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        noise_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Without `labels`: the context tower's next-token logits `(B, T, V)`, fp32 (no gradient).
+        With `labels`: the masked-diffusion `loss` and the denoiser's logits (see `diffusion_loss`)."""
+        if labels is not None:
+            loss, logits, _ = self.diffusion_loss(input_ids, labels, attention_mask, noise_mask, generator)
+            return CausalLMOutputWithPast(loss=loss, logits=logits)
+        with torch.no_grad():
+            hidden = self.context_tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            logits = self.context_lm_head(hidden).float()
+        return CausalLMOutputWithPast(logits=logits)
+
+
+__all__ = ["TwoTowerForDiffusionLM", "TwoTowerPreTrainedModel", "TwoTowerTower"]
