@@ -1,0 +1,77 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers_twotower import TwoTowerConfig, TwoTowerForDiffusionLM  # noqa: E402
+
+
+RELEASE_FIXTURE = Path(__file__).parent / "fixtures" / "twotower_tiny_a"
+
+
+def tiny_config(**overrides) -> TwoTowerConfig:
+    """A tiny random TwoTower with at least one layer of every type (M, *, E, -)."""
+    values = dict(
+        vocab_size=64,
+        hidden_size=32,
+        hybrid_override_pattern="M*EM-*ME",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        mamba_num_heads=4,
+        mamba_head_dim=8,
+        n_groups=2,
+        ssm_state_size=8,
+        conv_kernel=4,
+        chunk_size=8,
+        intermediate_size=48,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        moe_shared_expert_intermediate_size=24,
+        routed_scaling_factor=2.5,
+        time_step_limit=(0.0, float("inf")),
+        block_size=4,
+        mask_token_id=3,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    values.update(overrides)
+    return TwoTowerConfig(**values)
+
+
+def tiny_model(seed: int = 0, **overrides) -> TwoTowerForDiffusionLM:
+    torch.manual_seed(seed)
+    model = TwoTowerForDiffusionLM(tiny_config(**overrides)).eval()
+    # Random but not degenerate conditioning, so that tests that compare t values can fail.
+    with torch.no_grad():
+        for p in model.t_block.parameters():
+            p.normal_(std=0.2)
+    return model
+
+
+@pytest.fixture(scope="session")
+def release_model() -> TwoTowerForDiffusionLM:
+    return TwoTowerForDiffusionLM.from_pretrained(RELEASE_FIXTURE, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def expected_tensors() -> dict[str, torch.Tensor]:
+    return load_file(RELEASE_FIXTURE / "expected.safetensors")
+
+
+@pytest.fixture(scope="session")
+def expected() -> dict:
+    return json.loads((RELEASE_FIXTURE / "expected.json").read_text())
+
+
+@pytest.fixture
+def model() -> TwoTowerForDiffusionLM:
+    return tiny_model()

@@ -1,0 +1,84 @@
+"""The denoiser's context-seeded Mamba scan against a naive per-token recurrence written here."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+
+
+def naive_seeded_mixer(mixer, hidden, conv_history, ssm_state):
+    """Mamba-2 over a block, one token at a time, from a context's conv history and SSM state."""
+    batch, length, _ = hidden.shape
+    heads, head_dim, groups, state_size = mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size
+    d_inner = heads * head_dim
+    z, xbc, dt = (hidden @ mixer.in_proj.weight.T).split([d_inner, mixer.conv_dim, heads], dim=-1)
+
+    # Depthwise causal conv: output t reads inputs t - K + 1 .. t of [history | block].
+    inputs = torch.cat([conv_history.transpose(1, 2), xbc], dim=1)  # (B, K - 1 + L, C)
+    weight = mixer.conv1d.weight[:, 0, :]  # (C, K)
+    kernel = weight.shape[1]
+    conv = torch.stack(
+        [(inputs[:, t : t + kernel] * weight.T).sum(1) + mixer.conv1d.bias for t in range(length)], dim=1
+    )
+    x, B, C = F.silu(conv).split([d_inner, groups * state_size, groups * state_size], dim=-1)
+    x = x.view(batch, length, heads, head_dim)
+    B = B.view(batch, length, groups, state_size)
+    C = C.view(batch, length, groups, state_size)
+    dt = F.softplus(dt + mixer.dt_bias).clamp(*mixer.time_step_limit)
+    A = -torch.exp(mixer.A_log)
+
+    state = ssm_state.clone()  # (B, heads, head_dim, state)
+    ys = []
+    for t in range(length):
+        y_t = []
+        for h in range(heads):
+            g = h // (heads // groups)
+            decay = torch.exp(dt[:, t, h] * A[h])[:, None, None]
+            state[:, h] = state[:, h] * decay + dt[:, t, h, None, None] * x[:, t, h, :, None] * B[:, t, g, None, :]
+            y_t.append(state[:, h] @ C[:, t, g, :, None])
+        y = torch.stack(y_t, dim=1)[..., 0] + mixer.D[:, None] * x[:, t]  # (B, heads, head_dim)
+        ys.append(y.reshape(batch, d_inner))
+    y = torch.stack(ys, dim=1) * F.silu(z)
+
+    grouped = y.view(batch, length, groups, d_inner // groups)
+    grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + mixer.norm.variance_epsilon)
+    y = grouped.view(batch, length, d_inner) * mixer.norm.weight
+    return y @ mixer.out_proj.weight.T
+
+
+@pytest.mark.parametrize("length", [3, 8, 13, 17])  # chunk_size is 8: shorter, equal, longer, > 2 chunks
+def test_seeded_scan_equals_naive_recurrence(length):
+    model = tiny_model()
+    mixer = model.denoiser_tower.layers[0].mixer
+    assert mixer.chunk_size == 8
+    torch.manual_seed(length)
+    hidden = torch.randn(2, length, model.config.hidden_size)
+    conv_history = torch.randn(2, mixer.conv_dim, mixer.conv_kernel_size - 1)
+    ssm_state = torch.randn(2, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size)
+    with torch.no_grad():
+        fast = mixer.seeded_forward(hidden, conv_history, ssm_state)
+        slow = naive_seeded_mixer(mixer, hidden, conv_history, ssm_state)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+def test_seed_matters():
+    """A non-zero seed changes the output; a zero seed equals a plain scan from scratch."""
+    model = tiny_model()
+    mixer = model.denoiser_tower.layers[0].mixer
+    hidden = torch.randn(1, 5, model.config.hidden_size)
+    zero_conv = torch.zeros(1, mixer.conv_dim, mixer.conv_kernel_size - 1)
+    zero_ssm = torch.zeros(1, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size)
+    with torch.no_grad():
+        seeded_zero = mixer.seeded_forward(hidden, zero_conv, zero_ssm)
+        unseeded = mixer(hidden)  # Nemotron-H's own forward, no cache
+        seeded = mixer.seeded_forward(hidden, zero_conv, torch.randn_like(zero_ssm))
+    torch.testing.assert_close(seeded_zero, unseeded, rtol=1e-4, atol=1e-5)
+    assert (seeded - unseeded).abs().max() > 1e-3
+
+
+def test_dt_clamp_follows_time_step_limit():
+    """transformers clamps dt at `time_step_min`; TwoTower honours `time_step_limit` instead."""
+    model = tiny_model(time_step_limit=(0.0, float("inf")), time_step_min=0.05)
+    assert model.context_tower.layers[0].mixer.time_step_limit == (0.0, float("inf"))
+    clamped = tiny_model(time_step_limit=(0.05, 0.06))
+    assert clamped.denoiser_tower.layers[0].mixer.time_step_limit == (0.05, 0.06)
