@@ -4,6 +4,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .cache_twotower import DenoiserContext, TwoTowerCache
 from .configuration_twotower import TwoTowerConfig
+from .generation_twotower import TwoTowerGenerationConfig, TwoTowerGenerationMixin, TwoTowerGenerationOutput
 from .modeling_twotower import TwoTowerForDiffusionLM, TwoTowerPreTrainedModel
 
 
@@ -16,5 +17,8 @@ __all__ = [
     "TwoTowerCache",
     "TwoTowerConfig",
     "TwoTowerForDiffusionLM",
+    "TwoTowerGenerationConfig",
+    "TwoTowerGenerationMixin",
+    "TwoTowerGenerationOutput",
     "TwoTowerPreTrainedModel",
 ]

@@ -36,6 +36,7 @@ from transformers.models.nemotron_h.modeling_nemotron_h import (
 
 from .cache_twotower import DenoiserContext, TwoTowerCache, additive_mask
 from .configuration_twotower import TwoTowerConfig
+from .generation_twotower import TwoTowerGenerationConfig, TwoTowerGenerationMixin
 
 
 # The release stores one module per expert; transformers' Nemotron-H stacks them into 3-D tensors when loading (and
@@ -245,13 +246,16 @@ class TwoTowerPreTrainedModel(NemotronHPreTrainedModel):
                 init.normal_(table, std=self.config.hidden_size**-0.5)
 
 
-class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel):
+class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
     """Nemotron-Labs-TwoTower.
 
     - `model(input_ids)` returns the context tower's next-token logits (like the release's `forward`).
     - `model(input_ids, labels=...)` returns the block-wise masked-diffusion loss (ARCHITECTURE.md §6).
     - `prefill`, `extend_context` and `denoise_step` are the inference building blocks generation is made of.
+    - `generate(...)` runs mask diffusion, Mock-AR or AR (`TwoTowerGenerationMixin`).
     """
+
+    generation_config_class = TwoTowerGenerationConfig
 
     def __init__(self, config: TwoTowerConfig):
         super().__init__(config)
