@@ -39,6 +39,30 @@ def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     )
 
 
+def check_left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Validate a prompt batch for the context tower and return its mask as 0/1 longs.
+
+    Only left padding is accepted: transformers' Nemotron-H lets the SSM state decay over right padding.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"`input_ids` must be a non-empty (batch, length) tensor, got {shape}.")
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, "
+            f"got {tuple(attention_mask.shape)}."
+        )
+    mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+    if (mask[:, 1:] < mask[:, :-1]).any() or not bool(mask[:, -1].all()):
+        raise ValueError(
+            "`attention_mask` must describe LEFT padding (zeros, then ones, ending on a real token in every row); "
+            "pad prompts on the left (`tokenizer.padding_side = 'left'`)."
+        )
+    return mask
+
+
 class TwoTowerCache(DynamicCache):
     """Everything the context tower has computed about the prompt and the committed tokens.
 
@@ -120,4 +144,4 @@ class TwoTowerCache(DynamicCache):
         return DenoiserContext(keys, values, conv_history, ssm_states, mask)
 
 
-__all__ = ["TwoTowerCache", "DenoiserContext"]
+__all__ = ["TwoTowerCache", "DenoiserContext", "check_left_padded"]

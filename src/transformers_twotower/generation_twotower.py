@@ -14,6 +14,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import ModelOutput
 
+from .cache_twotower import check_left_padded
 from .sampling_twotower import commit_mask, predict_tokens
 
 
@@ -287,10 +288,7 @@ class TwoTowerGenerationMixin(GenerationMixin):
 
         if input_ids is None:
             raise ValueError("`input_ids` is required: TwoTower generates after a prompt.")
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"`input_ids` must be a non-empty (batch, length) tensor, got {shape}.")
-        attention_mask = self._check_left_padded(input_ids, attention_mask)
+        attention_mask = check_left_padded(input_ids, attention_mask)
         if ((input_ids == config.mask_token_id) & attention_mask.bool()).any():
             raise ValueError(
                 f"`input_ids` contains the mask token id {config.mask_token_id}; a prompt must be clean text."

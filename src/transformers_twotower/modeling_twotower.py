@@ -34,7 +34,7 @@ from transformers.models.nemotron_h.modeling_nemotron_h import (
     mamba2_chunk_scan,
 )
 
-from .cache_twotower import DenoiserContext, TwoTowerCache, additive_mask
+from .cache_twotower import DenoiserContext, TwoTowerCache, additive_mask, check_left_padded
 from .configuration_twotower import TwoTowerConfig
 from .generation_twotower import TwoTowerGenerationConfig, TwoTowerGenerationMixin
 
@@ -336,32 +336,13 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
             if kind == "linear_attention"
         }
 
-    @staticmethod
-    def _check_left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"`input_ids` must have shape (batch, length >= 1), got {tuple(input_ids.shape)}.")
-        if attention_mask is None:
-            return torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, "
-                f"got {tuple(attention_mask.shape)}."
-            )
-        mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
-        if (mask[:, 1:] < mask[:, :-1]).any() or not bool(mask[:, -1].all()):
-            raise ValueError(
-                "`attention_mask` must describe LEFT padding (zeros, then ones, ending on a real token in every row); "
-                "pad prompts on the left (`tokenizer.padding_side = 'left'`)."
-            )
-        return mask
-
     def prefill(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> TwoTowerCache:
         """Run the context tower over left-padded prompts `(B, T)` and return their cache.
 
         Like the release, the prompt is read in two passes (all but the last token, then the last token) so that the
         cache also holds the Mamba states one token behind, which Mock-AR reads.
         """
-        mask = self._check_left_padded(input_ids, attention_mask)
+        mask = check_left_padded(input_ids, attention_mask)
         cache = TwoTowerCache(self.config)
         if input_ids.shape[1] > 1:
             cache.attention_mask = mask[:, :-1]
