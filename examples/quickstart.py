@@ -14,7 +14,9 @@ import torch
 from transformers_twotower import TwoTowerForDiffusionLM
 
 
-checkpoint = sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent.parent / "modeling_tests/fixtures/twotower_tiny_a"
+checkpoint = (
+    sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent.parent / "modeling_tests/fixtures/twotower_tiny_a"
+)
 model = TwoTowerForDiffusionLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
 config = model.config
 prompt = torch.tensor([[1, 37, 412, 95, 260, 18, 333, 71, 129, 455, 204, 88]])

@@ -1,9 +1,10 @@
 """Generation reproduces NVIDIA's recorded runs on the tiny release checkpoint: token ids and NFE exactly."""
 
+import json
+
 import pytest
 import torch
 from conftest import RELEASE_FIXTURE
-import json
 
 
 EXPECTED = json.loads((RELEASE_FIXTURE / "expected.json").read_text())

@@ -28,7 +28,9 @@ def test_release_config_loads_as_is():
 
 
 def test_release_state_dict_loads_without_missing_or_unexpected_keys():
-    model, info = TwoTowerForDiffusionLM.from_pretrained(RELEASE_FIXTURE, dtype=torch.float32, output_loading_info=True)
+    model, info = TwoTowerForDiffusionLM.from_pretrained(
+        RELEASE_FIXTURE, dtype=torch.float32, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     # Experts were stacked like transformers' Nemotron-H does it.
     with safe_open(RELEASE_FIXTURE / "model-00001-of-00002.safetensors", "pt") as f:

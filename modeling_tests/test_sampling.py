@@ -73,8 +73,8 @@ def test_predict_never_returns_the_mask_and_measures_unscaled_confidence():
     without_mask = logits[..., :3].softmax(-1)
     torch.testing.assert_close(confidence, without_mask.max(-1).values)
 
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
     from transformers import LogitsProcessorList
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
 
     warpers = LogitsProcessorList([TemperatureLogitsWarper(0.5), TopKLogitsWarper(1)])
     sampled, sampled_confidence = predict_tokens(logits, 3, warpers, torch.Generator().manual_seed(0))

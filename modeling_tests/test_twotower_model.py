@@ -54,7 +54,9 @@ def test_context_tower_matches_transformers_nemotron_h(model):
     """The context tower is transformers' Nemotron-H once its dt clamp follows `time_step_limit`."""
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
-    config = NemotronHConfig(**{k: v for k, v in model.config.to_dict().items() if k in NemotronHConfig.__dataclass_fields__})
+    config = NemotronHConfig(
+        **{k: v for k, v in model.config.to_dict().items() if k in NemotronHConfig.__dataclass_fields__}
+    )
     reference = NemotronHForCausalLM(config).eval()
     state = {f"model.{k}": v for k, v in model.context_tower.state_dict().items()}
     state["lm_head.weight"] = model.context_lm_head.weight
@@ -133,11 +135,25 @@ def test_left_padded_batch_gives_each_row_its_own_result(model):
     batch_after = model.denoise_step(blocks, batch_cache, t)
     for i, row in enumerate(rows):
         cache = model.prefill(torch.tensor([row]))
-        torch.testing.assert_close(batch_cache.next_token_logits[i], model.extend_context(model.prefill(torch.tensor([row])), commit[i : i + 1]).next_token_logits[0], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(batch_step[i], model.denoise_step(blocks[i : i + 1], cache, t[i : i + 1])[0], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(batch_behind[i], model.denoise_step(torch.tensor([row[-1:]]), cache, None, behind=True)[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            batch_cache.next_token_logits[i],
+            model.extend_context(model.prefill(torch.tensor([row])), commit[i : i + 1]).next_token_logits[0],
+            rtol=1e-4,
+            atol=1e-5,
+        )
+        torch.testing.assert_close(
+            batch_step[i], model.denoise_step(blocks[i : i + 1], cache, t[i : i + 1])[0], rtol=1e-4, atol=1e-5
+        )
+        torch.testing.assert_close(
+            batch_behind[i],
+            model.denoise_step(torch.tensor([row[-1:]]), cache, None, behind=True)[0],
+            rtol=1e-4,
+            atol=1e-5,
+        )
         model.extend_context(cache, commit[i : i + 1])
-        torch.testing.assert_close(batch_after[i], model.denoise_step(blocks[i : i + 1], cache, t[i : i + 1])[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            batch_after[i], model.denoise_step(blocks[i : i + 1], cache, t[i : i + 1])[0], rtol=1e-4, atol=1e-5
+        )
 
 
 # --- training ---------------------------------------------------------------------------------------------------------
@@ -260,5 +276,8 @@ def test_save_load_round_trip(model, tmp_path):
     t = torch.tensor([0.75, 0.75])
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     torch.testing.assert_close(
-        loaded.denoise_step(block, loaded.prefill(ids), t), model.denoise_step(block, model.prefill(ids), t), rtol=0, atol=0
+        loaded.denoise_step(block, loaded.prefill(ids), t),
+        model.denoise_step(block, model.prefill(ids), t),
+        rtol=0,
+        atol=0,
     )

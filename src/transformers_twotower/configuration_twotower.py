@@ -75,7 +75,9 @@ class TwoTowerConfig(NemotronHConfig):
                 f"`mamba_num_heads` ({self.mamba_num_heads}) must be divisible by `n_groups` ({self.n_groups})."
             )
         if self.n_routed_experts % self.n_group:
-            raise ValueError(f"`n_routed_experts` ({self.n_routed_experts}) must be divisible by `n_group` ({self.n_group}).")
+            raise ValueError(
+                f"`n_routed_experts` ({self.n_routed_experts}) must be divisible by `n_group` ({self.n_group})."
+            )
         if len(self.time_step_limit) != 2 or self.time_step_limit[0] > self.time_step_limit[1]:
             raise ValueError(f"`time_step_limit` must be a [min, max] pair, got {self.time_step_limit}.")
 

@@ -75,7 +75,9 @@ class TwoTowerGenerationConfig(GenerationConfig):
     def from_model_config(cls, model_config) -> "TwoTowerGenerationConfig":
         """The defaults of a model: its special ids and block size."""
         fields = ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id", "block_size")
-        values = {name: getattr(model_config, name) for name in fields if getattr(model_config, name, None) is not None}
+        values = {
+            name: getattr(model_config, name) for name in fields if getattr(model_config, name, None) is not None
+        }
         return cls(**values, _from_model_config=True)
 
     def validate(self, strict: bool = False, user_set_attributes: set[str] | None = None):
@@ -168,7 +170,9 @@ class TwoTowerGenerationMixin(GenerationMixin):
                     "`logits_processor` is not supported in `mask_diffusion` mode: the positions of a block are "
                     "predicted jointly, not as one next-token distribution. Use `temperature`/`top_k`/`top_p`."
                 )
-            result = self._generate_mask_diffusion(input_ids, attention_mask, config, stopping_criteria, streamer, generator)
+            result = self._generate_mask_diffusion(
+                input_ids, attention_mask, config, stopping_criteria, streamer, generator
+            )
         else:
             result = self._generate_autoregressive(
                 input_ids, attention_mask, config, logits_processor, stopping_criteria, streamer, generator
@@ -277,12 +281,18 @@ class TwoTowerGenerationMixin(GenerationMixin):
             raise ValueError(f"Unknown arguments to `generate`: {sorted(unused)}.")
 
         if (config.num_beams or 1) > 1:
-            raise ValueError(f"`num_beams` must be 1: TwoTower does not implement beam search (got {config.num_beams}).")
+            raise ValueError(
+                f"`num_beams` must be 1: TwoTower does not implement beam search (got {config.num_beams})."
+            )
         if (config.num_return_sequences or 1) > 1:
-            raise ValueError(f"`num_return_sequences` must be 1 (got {config.num_return_sequences}); repeat the prompt instead.")
+            raise ValueError(
+                f"`num_return_sequences` must be 1 (got {config.num_return_sequences}); repeat the prompt instead."
+            )
         for name in UNSUPPORTED_FIELDS:
             if getattr(config, name, None) not in (None, False):
-                raise ValueError(f"`{name}` is not supported by TwoTower's `generate` (got {getattr(config, name)!r}).")
+                raise ValueError(
+                    f"`{name}` is not supported by TwoTower's `generate` (got {getattr(config, name)!r})."
+                )
         if config.output_history and config.generation_mode != "mask_diffusion":
             raise ValueError("`output_history` is only available in `mask_diffusion` mode.")
 
@@ -351,8 +361,6 @@ class TwoTowerGenerationMixin(GenerationMixin):
         history = [] if config.output_history else None
         cache = self.prefill(input_ids, attention_mask)
         for block_idx in range(math.ceil(config.max_new_tokens / block_size)):
-            if block_idx > 0:
-                self.extend_context(cache, block, keep_previous=False)
             block = torch.full((batch_size, block_size), mask_id, dtype=torch.long, device=input_ids.device)
             block[tracker.finished] = config.pad_token_id  # finished rows need no forward
 
@@ -376,6 +384,7 @@ class TwoTowerGenerationMixin(GenerationMixin):
             tracker.stop_where(stopping_criteria(tracker.sequences, None))
             if tracker.done:
                 break
+            self.extend_context(cache, block, keep_previous=False)  # the context tower reads the block once
         return tracker.output(history)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -394,9 +403,7 @@ class TwoTowerGenerationMixin(GenerationMixin):
         tracker = _RowTracker(input_ids, config.max_new_tokens, config.pad_token_id, eos, False, streamer)
         cache = self.prefill(input_ids, attention_mask)
         last = input_ids[:, -1:]
-        for position in range(config.max_new_tokens):
-            if position > 0:
-                self.extend_context(cache, last, keep_previous=mock_ar)
+        while True:
             if mock_ar:  # the denoiser re-reads the last token from the context one token behind
                 logits = self.denoise_step(last, cache, None, behind=True)[:, -1]
             else:
@@ -412,6 +419,7 @@ class TwoTowerGenerationMixin(GenerationMixin):
             if tracker.done:
                 break
             last = tracker.sequences[:, -1:]
+            self.extend_context(cache, last, keep_previous=mock_ar)
         return tracker.output()
 
 

@@ -326,9 +326,16 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         """The Mamba states of an empty context."""
         mixer = next(layer.mixer for layer in self.context_tower.layers if layer.block_type == "linear_attention")
         weight = mixer.in_proj.weight
-        conv = torch.zeros(batch_size, mixer.conv_dim, mixer.conv_kernel_size, dtype=weight.dtype, device=weight.device)
+        conv = torch.zeros(
+            batch_size, mixer.conv_dim, mixer.conv_kernel_size, dtype=weight.dtype, device=weight.device
+        )
         ssm = torch.zeros(
-            batch_size, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, dtype=torch.float32, device=weight.device
+            batch_size,
+            mixer.num_heads,
+            mixer.head_dim,
+            mixer.ssm_state_size,
+            dtype=torch.float32,
+            device=weight.device,
         )
         return {
             i: (conv.clone(), ssm.clone())
@@ -384,9 +391,7 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
             return None
         return self.t_block(self.t_embedder(t)).view(t.shape[0], 3, self.config.hidden_size)
 
-    def _denoise(
-        self, block_ids: torch.LongTensor, context: DenoiserContext, t: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _denoise(self, block_ids: torch.LongTensor, context: DenoiserContext, t: torch.Tensor | None) -> torch.Tensor:
         """block_ids (B * nb, S) -> fp32 logits (B * nb, S, V)."""
         hidden = self.denoiser_tower.embeddings(block_ids)
         t_emb = self.time_embedding(t)
@@ -454,9 +459,7 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         mask = additive_mask((visible & key_real)[:, None], dtype)  # (B, 1, N, 2N)
         return DenoiserContext(keys, values, conv_history, ssm_states, mask, num_blocks=num_blocks)
 
-    def _draw_noise_mask(
-        self, maskable: torch.Tensor, generator: torch.Generator | None
-    ) -> torch.Tensor:
+    def _draw_noise_mask(self, maskable: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Per block, t ~ U(0, 1]; each maskable token is masked with probability t. maskable: (B, nb, S)."""
         batch_size, num_blocks, block_size = maskable.shape
         device = maskable.device
@@ -479,7 +482,9 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         whole blocks, then trimmed back).
         """
         if labels.shape != input_ids.shape:
-            raise ValueError(f"`labels` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(labels.shape)}.")
+            raise ValueError(
+                f"`labels` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(labels.shape)}."
+            )
         batch_size, length = input_ids.shape
         block_size = self.config.block_size
         num_blocks = -(-length // block_size)
@@ -488,10 +493,14 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
         maskable = (labels != -100) & mask.bool()
         if noise_mask is None:
-            noise_mask = self._draw_noise_mask(F.pad(maskable, (0, pad)).view(batch_size, num_blocks, block_size), generator)
+            noise_mask = self._draw_noise_mask(
+                F.pad(maskable, (0, pad)).view(batch_size, num_blocks, block_size), generator
+            )
             noise_mask = noise_mask.view(batch_size, -1)[:, :length]
         elif noise_mask.shape != input_ids.shape:
-            raise ValueError(f"`noise_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(noise_mask.shape)}.")
+            raise ValueError(
+                f"`noise_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(noise_mask.shape)}."
+            )
         noise_mask = noise_mask.bool() & maskable
 
         # Whole blocks: pad the tail with invisible positions.

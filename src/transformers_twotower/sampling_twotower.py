@@ -37,7 +37,9 @@ def predict_tokens(
     return pred, confidence
 
 
-def num_to_commit(num_masked: torch.Tensor, num_confident: torch.Tensor, step: int, steps_per_block: int) -> torch.Tensor:
+def num_to_commit(
+    num_masked: torch.Tensor, num_confident: torch.Tensor, step: int, steps_per_block: int
+) -> torch.Tensor:
     """How many masked positions each row commits at `step` (0-based) of `steps_per_block`.
 
     The confident ones (at least one), and never fewer than an even share of what is left,
@@ -65,7 +67,9 @@ def commit_mask(
 
     ranked = confidence.float().masked_fill(~masked, -math.inf)
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices  # most confident first
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    )
     return masked & (rank < k[:, None])
 
 

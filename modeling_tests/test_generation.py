@@ -1,0 +1,330 @@
+"""`generate` on the tiny random TwoTower: batching, caches, lengths, outputs, streaming, and an honest API."""
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from transformers_twotower import TwoTowerCache, TwoTowerGenerationConfig
+
+
+MODES = ["mask_diffusion", "mock_ar", "ar"]
+DIFFUSION = dict(block_size=4, steps_per_block=4, confidence_threshold=0.3)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=1)
+
+
+def prompts(model, lengths, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, model.config.vocab_size, (n,), generator=generator).tolist() for n in lengths]
+
+
+def left_pad(rows, pad_id=0):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def generated(sequences, prompt_width):
+    return sequences[:, prompt_width:].tolist()
+
+
+# --- batching -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_equals_each_row_alone(model, mode):
+    rows = prompts(model, [3, 9, 5])
+    ids, mask = left_pad(rows)
+    kwargs = dict(generation_mode=mode, max_new_tokens=10, eos_token_id=None, **DIFFUSION)
+    batch = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **kwargs)
+    for i, row in enumerate(rows):
+        alone = model.generate(torch.tensor([row]), return_dict_in_generate=True, **kwargs)
+        assert generated(batch.sequences[i : i + 1], ids.shape[1]) == generated(alone.sequences, len(row))
+        assert batch.nfe[i] == alone.nfe[0]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_eos_is_per_row(model, mode):
+    rows = prompts(model, [4, 7], seed=3)
+    ids, mask = left_pad(rows)
+    kwargs = dict(generation_mode=mode, max_new_tokens=12, pad_token_id=0, **DIFFUSION)
+    free = model.generate(torch.tensor([rows[0]]), eos_token_id=None, **kwargs)[0, len(rows[0]) :].tolist()
+    eos = free[5]  # a token row 0 produces mid-way
+    batch = model.generate(ids, attention_mask=mask, eos_token_id=eos, **kwargs)
+    for i, row in enumerate(rows):
+        alone = generated(model.generate(torch.tensor([row]), eos_token_id=eos, **kwargs), len(row))[0]
+        if eos in alone:
+            assert alone[-1] == eos, "a lone row ends on its EOS"
+        width = batch.shape[1] - ids.shape[1]
+        assert generated(batch[i : i + 1], ids.shape[1])[0] == alone + [0] * (width - len(alone))
+    first = generated(batch[:1], ids.shape[1])[0]
+    assert eos in first and all(token == 0 for token in first[first.index(eos) + 1 :])
+
+
+def test_finished_rows_stop_costing_forwards(model):
+    rows = prompts(model, [4, 4], seed=3)
+    ids = torch.tensor(rows)
+    free = model.generate(ids[:1], max_new_tokens=12, eos_token_id=None, **DIFFUSION)[0, 4:].tolist()
+    eos = free[0]
+    out = model.generate(ids, max_new_tokens=12, eos_token_id=eos, return_dict_in_generate=True, **DIFFUSION)
+    alone = model.generate(ids[1:], max_new_tokens=12, eos_token_id=eos, return_dict_in_generate=True, **DIFFUSION)
+    assert out.nfe[0] < out.nfe[1] == alone.nfe[0]
+
+
+# --- caches -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_context_is_never_recomputed(model, mode, monkeypatch):
+    """Context-tower token columns processed == prompt + everything committed except the last commit (nothing
+    reads the context after it). Diffusion builds the denoiser's view of the context once per block."""
+    processed, views = [], []
+    run_context = type(model)._run_context_tower
+    monkeypatch.setattr(
+        type(model),
+        "_run_context_tower",
+        lambda self, ids, cache: processed.append(ids.shape[1]) or run_context(self, ids, cache),
+    )
+    original_view = TwoTowerCache._build_view
+    monkeypatch.setattr(TwoTowerCache, "_build_view", lambda self, *a: views.append(a) or original_view(self, *a))
+    ids = torch.tensor(prompts(model, [6]))
+    out = model.generate(
+        ids, generation_mode=mode, max_new_tokens=12, eos_token_id=None, return_dict_in_generate=True, **DIFFUSION
+    )
+    new = out.sequences.shape[1] - 6
+    last_commit = 4 if mode == "mask_diffusion" else 1
+    assert new == 12 and sum(processed) == 6 + new - last_commit
+    if mode == "mask_diffusion":
+        assert len(views) == 3 < out.nfe.item()  # one view per block, several steps per block
+    elif mode == "mock_ar":
+        assert len(views) == 12
+
+
+def test_max_new_tokens_need_not_fill_the_last_block(model):
+    ids = torch.tensor(prompts(model, [5]))
+    whole = model.generate(ids, max_new_tokens=8, eos_token_id=None, **DIFFUSION)
+    trimmed = model.generate(ids, max_new_tokens=7, eos_token_id=None, **DIFFUSION)
+    assert trimmed.shape == (1, 12) and torch.equal(trimmed, whole[:, :12])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_one_token_prompt(model, mode):
+    out = model.generate(torch.tensor([[1]]), generation_mode=mode, max_new_tokens=5, eos_token_id=None, **DIFFUSION)
+    assert out.shape == (1, 6) and out[0, 0] == 1 and (out[0, 1:] != 3).all()
+
+
+def test_ar_mode_equals_transformers_nemotron_h_generate(model):
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    fields = NemotronHConfig.__dataclass_fields__
+    reference = NemotronHForCausalLM(
+        NemotronHConfig(**{k: v for k, v in model.config.to_dict().items() if k in fields})
+    )
+    state = {f"model.{k}": v for k, v in model.context_tower.state_dict().items()}
+    reference.load_state_dict({**state, "lm_head.weight": model.context_lm_head.weight})
+    for layer in reference.model.layers:
+        if layer.block_type == "linear_attention":
+            layer.mixer.time_step_limit = tuple(model.config.time_step_limit)  # the release's clamp (none)
+    ids = torch.tensor(prompts(model, [7]))
+    expected = reference.eval().generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(model.generate(ids, generation_mode="ar", max_new_tokens=10, eos_token_id=None), expected)
+
+
+# --- outputs and streaming --------------------------------------------------------------------------------------------
+
+
+def test_return_dict_and_history(model):
+    ids = torch.tensor(prompts(model, [5, 5]))
+    out = model.generate(
+        ids, max_new_tokens=8, eos_token_id=None, return_dict_in_generate=True, output_history=True, **DIFFUSION
+    )
+    assert out.nfe.shape == (2,) and out.tokens_per_forward.shape == (2,)
+    torch.testing.assert_close(out.tokens_per_forward, 8 / out.nfe.float())
+    assert len(out.history) == int(out.nfe.max())
+    assert {"block", "step", "tokens", "t", "committed"} <= set(out.history[0])
+    assert torch.equal(out.history[0]["t"], torch.ones(2))
+
+
+def tiny_tokenizer(vocab_size):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="w0", eos_token="w2")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_streamer_receives_exactly_the_generated_text(model, mode):
+    from transformers import TextIteratorStreamer
+
+    tokenizer = tiny_tokenizer(model.config.vocab_size)
+    ids = torch.tensor(prompts(model, [5]))
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    out = model.generate(
+        ids, generation_mode=mode, max_new_tokens=10, eos_token_id=None, streamer=streamer, **DIFFUSION
+    )
+    streamed = "".join(streamer)
+    assert streamed.split() == tokenizer.decode(out[0, 5:]).split()
+
+
+def test_streamer_chunks_are_blocks(model):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Recorder(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.tolist())
+
+        def end(self):
+            self.ended = True
+
+    recorder = Recorder()
+    ids = torch.tensor(prompts(model, [5]))
+    out = model.generate(ids, max_new_tokens=10, eos_token_id=None, streamer=recorder, **DIFFUSION)
+    assert recorder.ended and recorder.chunks[0] == ids.tolist()
+    assert [len(c) for c in recorder.chunks[1:]] == [4, 4, 2]
+    assert sum(recorder.chunks[1:], []) == out[0, 5:].tolist()
+
+
+# --- the ordinary API, honestly -------------------------------------------------------------------------------------
+
+
+def test_stopping_criteria_and_logits_processor_work(model):
+    class StopAt(StoppingCriteria):
+        def __init__(self, length):
+            self.length = length
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+
+    class Force(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            forced = torch.full_like(scores, -1e9)
+            forced[:, 7] = 0
+            return forced
+
+    ids = torch.tensor(prompts(model, [5]))
+    ar = model.generate(
+        ids,
+        generation_mode="ar",
+        max_new_tokens=10,
+        eos_token_id=None,
+        stopping_criteria=StoppingCriteriaList([StopAt(8)]),
+    )
+    assert ar.shape == (1, 8)
+    diffusion = model.generate(
+        ids, max_new_tokens=12, eos_token_id=None, stopping_criteria=StoppingCriteriaList([StopAt(8)]), **DIFFUSION
+    )
+    assert diffusion.shape == (1, 9), "diffusion stops at the end of the block that meets the criterion"
+    for mode in ("ar", "mock_ar"):
+        forced = model.generate(
+            ids,
+            generation_mode=mode,
+            max_new_tokens=4,
+            eos_token_id=None,
+            logits_processor=LogitsProcessorList([Force()]),
+        )
+        assert forced[0, 5:].tolist() == [7, 7, 7, 7]
+    with pytest.raises(ValueError, match="logits_processor"):
+        model.generate(ids, max_new_tokens=4, logits_processor=LogitsProcessorList([Force()]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_beams=2), "num_beams"),
+        (dict(num_return_sequences=2), "num_return_sequences"),
+        (dict(assistant_model=object()), "assistant_model"),
+        (dict(repetition_penalty=1.2), "repetition_penalty"),
+        (dict(output_scores=True), "output_scores"),
+        (dict(not_an_argument=1), "not_an_argument"),
+        (dict(block_size=0), "block_size"),
+        (dict(steps_per_block=0), "steps_per_block"),
+        (dict(confidence_threshold=-0.1), "confidence_threshold"),
+        (dict(confidence_threshold=2.5), "confidence_threshold"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(generation_mode="beam"), "generation_mode"),
+        (dict(generation_mode="ar", output_history=True), "output_history"),
+    ],
+)
+def test_bad_arguments_raise_and_leave_no_state(model, kwargs, match):
+    before = model.generation_config.to_dict()
+    with pytest.raises(ValueError, match=match):
+        model.generate(torch.tensor([[5, 6, 7]]), **kwargs)
+    assert model.generation_config.to_dict() == before
+
+
+def test_bad_inputs_raise(model):
+    with pytest.raises(ValueError, match="input_ids"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="mask token"):
+        model.generate(torch.tensor([[5, 3, 7]]))
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    with pytest.raises(ValueError, match="LEFT padding"):
+        model.generate(ids, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.generate(ids, attention_mask=torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="streamer"):
+        model.generate(ids, streamer=object())
+    # A mask id hidden under left padding is not part of the prompt.
+    model.generate(torch.tensor([[3, 6, 7]]), attention_mask=torch.tensor([[0, 1, 1]]), max_new_tokens=4)
+
+
+def test_threshold_above_one_is_one_token_per_step(model):
+    ids = torch.tensor(prompts(model, [5]))
+    out = model.generate(
+        ids,
+        max_new_tokens=8,
+        block_size=4,
+        steps_per_block=4,
+        confidence_threshold=1.01,
+        eos_token_id=None,
+        return_dict_in_generate=True,
+    )
+    assert out.nfe.item() == 8
+
+
+def test_sampling_is_seeded(model):
+    ids = torch.tensor(prompts(model, [5]))
+    for mode in MODES:
+        kwargs = dict(
+            generation_mode=mode,
+            do_sample=True,
+            temperature=1.5,
+            top_k=20,
+            max_new_tokens=8,
+            eos_token_id=None,
+            **DIFFUSION,
+        )
+        a = model.generate(ids, generator=torch.Generator().manual_seed(0), **kwargs)
+        b = model.generate(ids, generator=torch.Generator().manual_seed(0), **kwargs)
+        c = model.generate(ids, generator=torch.Generator().manual_seed(1), **kwargs)
+        assert torch.equal(a, b) and not torch.equal(a, c) and (a != 3).all()
+
+
+def test_generation_config_is_saved_with_the_model(model, tmp_path):
+    from transformers_twotower import TwoTowerForDiffusionLM
+
+    model.generation_config.steps_per_block = 8
+    model.generation_config.confidence_threshold = 0.7
+    try:
+        model.save_pretrained(tmp_path)
+    finally:
+        model.generation_config.steps_per_block = 16
+        model.generation_config.confidence_threshold = 0.8
+    loaded = TwoTowerForDiffusionLM.from_pretrained(tmp_path)
+    assert isinstance(loaded.generation_config, TwoTowerGenerationConfig)
+    assert (loaded.generation_config.steps_per_block, loaded.generation_config.confidence_threshold) == (8, 0.7)
+    assert loaded.generation_config.mask_token_id == 3 and loaded.generation_config.block_size == 4
