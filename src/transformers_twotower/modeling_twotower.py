@@ -237,6 +237,9 @@ class TwoTowerPreTrainedModel(NemotronHPreTrainedModel):
     _supports_flash_attn_2 = False
     _supports_flex_attn = False
     _can_compile_fullgraph = False
+    # transformers detects MoE support by looking for `@use_experts_implementation` in the class's module source; the
+    # experts here are Nemotron-H's (which has it), so say so and get the same `grouped_mm` experts.
+    _can_set_experts_implementation_cached_value = True
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -1,0 +1,189 @@
+"""A plain Nemotron-H autoregressive checkpoint -> a TwoTower ready for denoiser training.
+
+    python conversion/convert_nemotron_h_to_twotower.py --input NEMOTRON_H_DIR --output OUT_DIR [--mask-token-id 3]
+        [--block-size 16] [--dtype auto|bfloat16|float32] [--max-shard-size 5GB] [--overwrite]
+
+Both towers start as copies of the backbone (`backbone.*` or `model.*` -> `context_tower.*` and `denoiser_tower.*`;
+`lm_head` -> `context_lm_head` and `lm_head`). The time conditioning starts as the identity: `t_block`'s output layer
+is zero, so `t_emb = 0` for every `t`, and every `scale_shift_tables[i]` is `(shift 0, scale 0, gate 1)`, so
+`modulate(h) = h` and the gate is 1. The untrained denoiser is then exactly the backbone run with the denoiser's
+changes (joint attention, seeded Mamba): in Mock-AR it predicts the backbone's next-token logits, and its output does
+not depend on `t` until training moves `t_block` (the adaLN-Zero start of DiT). `t_embedder` gets a normal random
+initialisation so that gradients reach it once `t_block` moves.
+
+Streams shard by shard, writes atomically, reads safetensors only (see `checkpoint_io`).
+"""
+
+import argparse
+import math
+import re
+import sys
+from pathlib import Path
+
+import torch
+from checkpoint_io import (
+    CheckpointError,
+    ShardWriter,
+    StackExperts,
+    atomic_output_dir,
+    check_index_matches_shards,
+    check_keys,
+    copy_package_code,
+    copy_tokenizer_files,
+    list_shards,
+    parse_size,
+    read_tensors,
+)
+from convert_nvidia_twotower import AUTO_MAP, DTYPES, cast, model_tensor_shapes
+
+from transformers_twotower import TwoTowerConfig, TwoTowerGenerationConfig
+
+
+BACKBONE = re.compile(r"^(?:backbone|model)\.(?P<rest>.+)$")
+
+
+def time_conditioning(config: TwoTowerConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Identity adaLN-single: zero `t_block` output, tables (shift 0, scale 0, gate 1); random `t_embedder`."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden, freq = config.hidden_size, config.time_embedding_size
+    std = config.initializer_range
+    tensors = {
+        "t_embedder.mlp.0.weight": torch.randn(hidden, freq, generator=generator) * std,
+        "t_embedder.mlp.0.bias": torch.zeros(hidden),
+        "t_embedder.mlp.2.weight": torch.randn(hidden, hidden, generator=generator) * std,
+        "t_embedder.mlp.2.bias": torch.zeros(hidden),
+        "t_block.1.weight": torch.zeros(3 * hidden, hidden),
+        "t_block.1.bias": torch.zeros(3 * hidden),
+    }
+    identity = torch.stack([torch.zeros(hidden), torch.zeros(hidden), torch.ones(hidden)])  # shift, scale, gate
+    for i in range(config.num_hidden_layers):
+        tensors[f"scale_shift_tables.{i}"] = identity.clone()
+    return tensors
+
+
+class DuplicateTowers:
+    """Backbone tensor -> the same tensor under both towers; `lm_head` -> both heads; experts stacked."""
+
+    def __init__(self, num_experts: int):
+        self.stack = StackExperts(num_experts)
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if name == "lm_head.weight":
+            return [("context_lm_head.weight", tensor), ("lm_head.weight", tensor.clone())]
+        match = BACKBONE.match(name)
+        if match is None:
+            raise CheckpointError(
+                f"{name} is not a Nemotron-H backbone tensor (expected backbone.*, model.* or lm_head)"
+            )
+        produced = []
+        for stacked_name, stacked in self.stack(match["rest"], tensor):
+            produced += [
+                (f"context_tower.{stacked_name}", stacked),
+                (f"denoiser_tower.{stacked_name}", stacked.clone()),
+            ]
+        return produced
+
+    def check_complete(self):
+        self.stack.check_complete()
+
+
+def convert_nemotron_h_to_twotower(
+    input_dir,
+    output_dir,
+    mask_token_id: int = 3,
+    block_size: int = 16,
+    dtype: str = "auto",
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if dtype not in DTYPES:
+        raise CheckpointError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if not (input_dir / "config.json").is_file():
+        raise CheckpointError(f"{input_dir} has no config.json")
+    try:
+        config = TwoTowerConfig.from_pretrained(input_dir, mask_token_id=mask_token_id, block_size=block_size)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{input_dir / 'config.json'}: {error}") from error
+    config.architectures = ["TwoTowerForDiffusionLM"]
+    config.auto_map = dict(AUTO_MAP)
+    if DTYPES[dtype] is not None:
+        config.dtype = DTYPES[dtype]
+
+    with atomic_output_dir(output_dir, overwrite) as work:
+        shards = list_shards(input_dir)
+        check_index_matches_shards(input_dir, shards)
+        writer = ShardWriter(work, parse_size(max_shard_size))
+        transform = DuplicateTowers(config.n_routed_experts)
+        source_dtype = None
+        for shard in shards:
+            for name, tensor in read_tensors(shard):
+                source_dtype = source_dtype or (tensor.dtype if tensor.is_floating_point() else None)
+                for out_name, out in transform(name, tensor):
+                    writer.add(out_name, cast(out_name, out, DTYPES[dtype]))
+        transform.check_complete()
+        for name, tensor in time_conditioning(config).items():
+            writer.add(name, tensor.to(DTYPES[dtype] or source_dtype or torch.float32))
+        check_keys(writer.shapes, model_tensor_shapes(config), str(input_dir))
+        writer.finish()
+
+        config.save_pretrained(work)
+        TwoTowerGenerationConfig.from_model_config(config).save_pretrained(work)
+        copy_tokenizer_files(input_dir, work)
+        copy_package_code(work)
+        (work / "README.md").write_text(untrained_card(config, input_dir))
+    return output_dir
+
+
+def untrained_card(config: TwoTowerConfig, source: Path) -> str:
+    parameters = sum(math.prod(shape) for shape, _ in model_tensor_shapes(config).values())
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags:
+  - twotower
+  - diffusion
+  - nemotron-h
+---
+
+# TwoTower initialised from `{source.name}` (denoiser not trained)
+
+Made by `conversion/convert_nemotron_h_to_twotower.py` of `transformers-twotower`: both towers are copies of the
+Nemotron-H backbone ({parameters / 1e9:.2f}B parameters in all) and the time conditioning starts as the identity. Train
+the denoiser with `model(input_ids, labels=labels).loss` (block-wise masked diffusion, block {config.block_size}, mask
+id {config.mask_token_id}) before generating with `generation_mode="mask_diffusion"`. `generation_mode="ar"` gives the
+backbone's own generations. The license is the source checkpoint's.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--input", required=True, help="Nemotron-H checkpoint folder (transformers' nemotron_h layout)"
+    )
+    parser.add_argument("--output", required=True, help="folder to write (must be empty unless --overwrite)")
+    parser.add_argument("--mask-token-id", type=int, default=3)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="auto keeps the source dtypes")
+    parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    args = parser.parse_args(argv)
+    try:
+        output = convert_nemotron_h_to_twotower(
+            args.input,
+            args.output,
+            args.mask_token_id,
+            args.block_size,
+            args.dtype,
+            args.max_shard_size,
+            args.overwrite,
+        )
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""NVIDIA's TwoTower release layout <-> this package's layout.
+
+    python conversion/convert_nvidia_twotower.py --input RELEASE_DIR --output OUT_DIR [--dtype auto|bfloat16|float32]
+        [--max-shard-size 5GB] [--overwrite] [--reverse]
+
+Release -> package writes a folder that loads with `TwoTowerForDiffusionLM.from_pretrained(OUT_DIR)`, or anywhere
+with `AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`:
+
+- `config.json`: a `TwoTowerConfig` with `auto_map` for AutoConfig, AutoModel and AutoModelForCausalLM;
+- `generation_config.json`: mask diffusion at the published operating point (block 16, 16 steps, threshold 0.8);
+- the weights in the model's layout (MoE experts stacked), sharded safetensors with an index;
+- the tokenizer files when the input has them, the package's modeling files, and a model card (README.md).
+
+`--reverse` writes the release layout back (one tensor per expert, a `nemotron_h` config). Release -> package ->
+release gives the same tensors bit for bit, dtypes included.
+
+The conversion streams: it holds about one source shard and one output shard in memory, never the model. It writes
+into a temporary folder beside the output and moves it into place at the end, so a failed or interrupted run leaves
+the output as it was. Only safetensors are read.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from checkpoint_io import (
+    CheckpointError,
+    ShardWriter,
+    SplitExperts,
+    StackExperts,
+    atomic_output_dir,
+    check_index_matches_shards,
+    check_keys,
+    copy_package_code,
+    copy_tokenizer_files,
+    list_shards,
+    parse_size,
+    read_tensors,
+)
+from transformers import NemotronHConfig
+
+from transformers_twotower import TwoTowerConfig, TwoTowerForDiffusionLM, TwoTowerGenerationConfig
+
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_twotower.TwoTowerConfig",
+    "AutoModel": "modeling_twotower.TwoTowerForDiffusionLM",
+    "AutoModelForCausalLM": "modeling_twotower.TwoTowerForDiffusionLM",
+}
+DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+KEEP_FP32 = ("e_score_correction_bias",)  # the router's bias stays fp32, as the release and transformers keep it
+
+
+def load_config(input_dir: Path) -> TwoTowerConfig:
+    if not (input_dir / "config.json").is_file():
+        raise CheckpointError(f"{input_dir} has no config.json")
+    try:
+        return TwoTowerConfig.from_pretrained(input_dir)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{input_dir / 'config.json'}: {error}") from error
+
+
+def model_tensor_shapes(config: TwoTowerConfig) -> dict[str, tuple]:
+    """`{name: (shape, dtype)}` of the model's state dict, from a model built on the meta device."""
+    with torch.device("meta"):
+        model = TwoTowerForDiffusionLM(config)
+    return {name: (tensor.shape, tensor.dtype) for name, tensor in model.state_dict().items()}
+
+
+def release_tensor_shapes(config: TwoTowerConfig) -> dict[str, tuple]:
+    split = SplitExperts()
+    shapes = {}
+    for name, (shape, dtype) in model_tensor_shapes(config).items():
+        for out_name, out in split(name, torch.empty(shape, dtype=dtype, device="meta")):
+            shapes[out_name] = (out.shape, out.dtype)
+    return shapes
+
+
+def cast(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None or not tensor.is_floating_point() or any(k in name for k in KEEP_FP32):
+        return tensor
+    return tensor.to(dtype)
+
+
+def convert_tensors(input_dir: Path, work: Path, transform, expected: dict, dtype, max_shard_size, what: str):
+    """Stream every source tensor through `transform` into shards in `work`; check the result against `expected`."""
+    shards = list_shards(input_dir)
+    check_index_matches_shards(input_dir, shards)
+    writer = ShardWriter(work, parse_size(max_shard_size))
+    for shard in shards:
+        for name, tensor in read_tensors(shard):
+            for out_name, out in transform(name, tensor):
+                writer.add(out_name, cast(out_name, out, dtype))
+    transform.check_complete()
+    check_keys(writer.shapes, expected, what)
+    writer.finish()
+
+
+def model_card(config: TwoTowerConfig, source: str) -> str:
+    return f"""---
+license: other
+license_name: nvidia-open-model-license
+license_link: https://www.nvidia.com/en-us/agreements/enterprise-software/nvidia-open-model-license/
+library_name: transformers
+pipeline_tag: text-generation
+base_model: nvidia/Nemotron-Labs-TwoTower-30B-A3B-Base-BF16
+tags:
+  - twotower
+  - diffusion
+  - nemotron-h
+  - mamba2
+  - mixture-of-experts
+---
+
+# Nemotron-Labs-TwoTower (transformers-twotower layout)
+
+Converted from `{source}` by `conversion/convert_nvidia_twotower.py` of the `transformers-twotower` package, which
+runs TwoTower through the Hugging Face Transformers API.
+
+TwoTower is a block-wise mask-diffusion language model made of two copies of the Nemotron-H hybrid backbone
+(Mamba-2 + attention + mixture-of-experts; pattern `{config.hybrid_override_pattern}`). A frozen autoregressive
+*context tower* reads the prompt and every committed token; a trained *denoiser tower* fills blocks of
+{config.block_size} masked tokens (mask id {config.mask_token_id}) in a few parallel steps, attending layer by layer
+to the context tower's K/V and starting its Mamba scans from the context tower's states.
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype="auto", device_map="auto")
+tokenizer = AutoTokenizer.from_pretrained(path)
+inputs = tokenizer(["The capital of France is"], return_tensors="pt").to(model.device)
+out = model.generate(**inputs, max_new_tokens=128)              # mask diffusion, block 16, threshold 0.8
+out = model.generate(**inputs, generation_mode="ar")            # the autoregressive baseline (context tower alone)
+```
+
+Or with the package installed (`pip install transformers-twotower`), `TwoTowerForDiffusionLM.from_pretrained(path)`.
+
+## Generation modes
+
+- `mask_diffusion` (default): blocks of {config.block_size} tokens, up to 16 denoiser steps per block, committing
+  every position whose confidence exceeds 0.8 (at least one per step).
+- `mock_ar`: the denoiser decoding one token at a time.
+- `ar`: the context tower alone, i.e. the original Nemotron-3-Nano backbone.
+
+## Published figures
+
+From NVIDIA's release of Nemotron-Labs-TwoTower (model card and paper): the denoiser keeps 98.7% of the AR baseline's
+aggregate benchmark quality at 2.42x its wall-clock generation throughput (block 16, threshold 0.8, bf16 on 2xH100),
+after training on about 2.1T tokens. Examples (AR baseline -> TwoTower): MMLU 78.56 -> 78.24, GSM8K 92.49 -> 90.14,
+HumanEval 79.27 -> 75.58, ARC-C 91.72 -> 92.66.
+
+## License
+
+NVIDIA Open Model License, as the original release.
+"""
+
+
+def convert_release_to_package(
+    input_dir, output_dir, dtype: str = "auto", max_shard_size: str | int = "5GB", overwrite: bool = False
+) -> Path:
+    """NVIDIA's release layout -> this package's layout (see the module docstring). Returns the output folder."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if dtype not in DTYPES:
+        raise CheckpointError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    config = load_config(input_dir)
+    config.architectures = ["TwoTowerForDiffusionLM"]
+    config.auto_map = dict(AUTO_MAP)
+    if DTYPES[dtype] is not None:
+        config.dtype = DTYPES[dtype]
+
+    with atomic_output_dir(output_dir, overwrite) as work:
+        transform = StackExperts(config.n_routed_experts)
+        expected = model_tensor_shapes(config)
+        convert_tensors(input_dir, work, transform, expected, DTYPES[dtype], max_shard_size, f"{input_dir}")
+        config.save_pretrained(work)
+        TwoTowerGenerationConfig.from_model_config(config).save_pretrained(work)
+        copy_tokenizer_files(input_dir, work)
+        copy_package_code(work)
+        (work / "README.md").write_text(model_card(config, str(input_dir)))
+    return output_dir
+
+
+def release_config_dict(config: TwoTowerConfig) -> dict:
+    """The release's `config.json`: the Nemotron-H fields, `model_type: nemotron_h`, the TwoTower architecture.
+
+    NVIDIA's `auto_map` names remote-code files this package does not ship, so it is not written back.
+    """
+    full = config.to_dict()
+    values = {name: full[name] for name in NemotronHConfig.__annotations__ if name in full}
+    values.pop("layers_block_type", None)
+    values.pop("mtp_layers_block_type", None)
+    values.update(
+        model_type="nemotron_h",
+        architectures=["NemotronHTwoTowerForCausalLM"],
+        hybrid_override_pattern=config.hybrid_override_pattern,
+        time_step_limit=list(config.time_step_limit),
+        torch_dtype=str(config.dtype).removeprefix("torch.") if config.dtype is not None else "bfloat16",
+    )
+    return values
+
+
+def convert_package_to_release(
+    input_dir, output_dir, dtype: str = "auto", max_shard_size: str | int = "5GB", overwrite: bool = False
+) -> Path:
+    """This package's layout -> NVIDIA's release layout (one tensor per expert, a `nemotron_h` config)."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if dtype not in DTYPES:
+        raise CheckpointError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    config = load_config(input_dir)
+    with atomic_output_dir(output_dir, overwrite) as work:
+        expected = release_tensor_shapes(config)
+        convert_tensors(input_dir, work, SplitExperts(), expected, DTYPES[dtype], max_shard_size, f"{input_dir}")
+        # Python's json writes the bare `Infinity` the release's config.json has.
+        (work / "config.json").write_text(json.dumps(release_config_dict(config), indent=2, sort_keys=True) + "\n")
+        copy_tokenizer_files(input_dir, work)
+    return output_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="checkpoint folder to read")
+    parser.add_argument("--output", required=True, help="folder to write (must be empty unless --overwrite)")
+    parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="auto keeps the source dtypes")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--reverse", action="store_true", help="this package's layout -> NVIDIA's release layout")
+    args = parser.parse_args(argv)
+    convert = convert_package_to_release if args.reverse else convert_release_to_package
+    try:
+        output = convert(args.input, args.output, args.dtype, args.max_shard_size, args.overwrite)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
