@@ -48,7 +48,7 @@ class CheckpointError(ValueError):
 
 
 def list_shards(folder: str | os.PathLike) -> list[Path]:
-    """The safetensors shards of a checkpoint folder, in index order (or the lone `*.safetensors` files)."""
+    """The safetensors shards of a checkpoint folder: those its index names, in order, or a lone `model.safetensors`."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"input folder {folder} does not exist")
@@ -67,9 +67,8 @@ def list_shards(folder: str | os.PathLike) -> list[Path]:
                 raise CheckpointError(f"{index} names a shard that does not exist: {name}")
             shards.append(path)
         return shards
-    shards = sorted(folder.glob("*.safetensors"))
-    if shards:
-        return shards
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise CheckpointError(

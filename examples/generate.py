@@ -14,7 +14,9 @@ import torch
 from transformers_twotower import TwoTowerForDiffusionLM
 
 
-checkpoint = sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent.parent / "modeling_tests/fixtures/twotower_tiny_a"
+checkpoint = (
+    sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent.parent / "modeling_tests/fixtures/twotower_tiny_a"
+)
 model = TwoTowerForDiffusionLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
 # Two prompts of different lengths, left-padded.
@@ -34,6 +36,8 @@ for mode in ("mask_diffusion", "mock_ar", "ar"):
         eos_token_id=None,
         return_dict_in_generate=True,
     )
-    print(f"{mode:>14}: nfe={out.nfe.tolist()} tokens/forward={[round(x, 2) for x in out.tokens_per_forward.tolist()]}")
+    print(
+        f"{mode:>14}: nfe={out.nfe.tolist()} tokens/forward={[round(x, 2) for x in out.tokens_per_forward.tolist()]}"
+    )
     for row in out.sequences[:, width:].tolist():
         print(f"{'':>16}{row}")

@@ -57,6 +57,27 @@ def tiny_model(seed: int = 0, **overrides) -> TwoTowerForDiffusionLM:
     return model
 
 
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<mask>"]  # ids 0..3, as in the release
+
+
+def word_tokenizer(vocab_size: int):
+    """An offline word-level tokenizer: ids 0-3 are the special tokens, id i >= 4 is the word `w{i}`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    vocab.update({f"w{i}": i for i in range(len(SPECIAL_TOKENS), vocab_size)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", mask_token="<mask>"
+    )
+
+
+def words(ids) -> str:
+    return " ".join(SPECIAL_TOKENS[i] if i < len(SPECIAL_TOKENS) else f"w{i}" for i in ids)
+
+
 @pytest.fixture(scope="session")
 def release_model() -> TwoTowerForDiffusionLM:
     return TwoTowerForDiffusionLM.from_pretrained(RELEASE_FIXTURE, dtype=torch.float32).eval()

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, word_tokenizer
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from transformers_twotower import TwoTowerCache, TwoTowerGenerationConfig
@@ -153,21 +153,11 @@ def test_return_dict_and_history(model):
     assert torch.equal(out.history[0]["t"], torch.ones(2))
 
 
-def tiny_tokenizer(vocab_size):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(vocab_size)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="w0", eos_token="w2")
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_streamer_receives_exactly_the_generated_text(model, mode):
     from transformers import TextIteratorStreamer
 
-    tokenizer = tiny_tokenizer(model.config.vocab_size)
+    tokenizer = word_tokenizer(model.config.vocab_size)
     ids = torch.tensor(prompts(model, [5]))
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
     out = model.generate(

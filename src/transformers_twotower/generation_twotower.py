@@ -68,7 +68,9 @@ class TwoTowerGenerationConfig(GenerationConfig):
         self.confidence_threshold = kwargs.pop("confidence_threshold", 0.8)
         self.mask_token_id = kwargs.pop("mask_token_id", 3)
         self.output_history = kwargs.pop("output_history", False)
+        # Explicit, so that callers filling in "unset" knobs (the text-generation pipeline samples by default) don't.
         kwargs.setdefault("max_new_tokens", 128)
+        kwargs.setdefault("do_sample", False)
         super().__init__(**kwargs)
 
     @classmethod

@@ -1,0 +1,322 @@
+"""Conversion scripts: release <-> package, Nemotron-H -> TwoTower, trust_remote_code loading, and their errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import RELEASE_FIXTURE, tiny_config, word_tokenizer
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "conversion"))
+
+from checkpoint_io import CheckpointError  # noqa: E402
+from convert_nemotron_h_to_twotower import convert_nemotron_h_to_twotower  # noqa: E402
+from convert_nvidia_twotower import convert_package_to_release, convert_release_to_package, main  # noqa: E402
+
+from transformers_twotower import TwoTowerForDiffusionLM  # noqa: E402
+
+
+def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(folder.glob("model*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors
+
+
+def snapshot(folder: Path):
+    """What a folder holds (names and bytes), to check that a failed run left it as it was."""
+    if not folder.exists():
+        return None
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def release_copy(tmp_path_factory) -> Path:
+    """The release fixture plus a tokenizer (to check that tokenizer files travel)."""
+    folder = tmp_path_factory.mktemp("release") / "twotower_tiny_a"
+    shutil.copytree(RELEASE_FIXTURE, folder)
+    word_tokenizer(512).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def converted(release_copy, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("converted") / "model"
+    assert main(["--input", str(release_copy), "--output", str(out), "--max-shard-size", "500KB"]) == 0
+    return out
+
+
+# --- release -> package -----------------------------------------------------------------------------------------------
+
+
+def test_converted_folder_layout(converted):
+    names = {p.name for p in converted.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors.index.json", "README.md"} <= names
+    assert {"tokenizer.json", "tokenizer_config.json"} <= names
+    assert {
+        "modeling_twotower.py",
+        "configuration_twotower.py",
+        "cache_twotower.py",
+        "generation_twotower.py",
+    } <= names
+    assert len(list(converted.glob("model-*-of-*.safetensors"))) > 1
+    config = json.loads((converted / "config.json").read_text())
+    assert config["model_type"] == "twotower" and config["architectures"] == ["TwoTowerForDiffusionLM"]
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+    generation = json.loads((converted / "generation_config.json").read_text())
+    assert (generation["block_size"], generation["steps_per_block"], generation["confidence_threshold"]) == (
+        16,
+        16,
+        0.8,
+    )
+    card = (converted / "README.md").read_text()
+    assert card.startswith("---\n") and "license:" in card and "pipeline_tag: text-generation" in card
+    tensors = all_tensors(converted)
+    assert tensors["context_tower.layers.1.mixer.experts.up_proj"].shape == (8, 32, 64)  # stacked
+    assert tensors["context_tower.layers.1.mixer.experts.up_proj"].dtype == torch.bfloat16  # dtype auto keeps bf16
+    assert tensors["context_tower.layers.1.mixer.gate.e_score_correction_bias"].dtype == torch.float32
+
+
+def test_release_to_package_to_release_is_bit_identical(converted, tmp_path):
+    back = convert_package_to_release(converted, tmp_path / "back")
+    original, restored = all_tensors(RELEASE_FIXTURE), all_tensors(back)
+    assert set(original) == set(restored)
+    for name, tensor in original.items():
+        assert restored[name].dtype == tensor.dtype, name
+        assert torch.equal(restored[name].view(torch.uint8), tensor.view(torch.uint8)), name
+    config = json.loads((back / "config.json").read_text())
+    assert config["model_type"] == "nemotron_h" and config["hybrid_override_pattern"] == "MEM*EMEM*E"
+    assert config["time_step_limit"] == [0.0, float("inf")]
+
+
+def test_dtype_option(release_copy, tmp_path):
+    out = convert_release_to_package(release_copy, tmp_path / "fp32", dtype="float32")
+    tensors = all_tensors(out)
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    reference = all_tensors(RELEASE_FIXTURE)
+    assert torch.equal(tensors["lm_head.weight"], reference["lm_head.weight"].float())
+
+
+REMOTE_CODE_CHECK = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    sys.path = [p for p in sys.path if not (p and __import__("os").path.isdir(__import__("os").path.join(p, "transformers_twotower")))]
+    assert importlib.util.find_spec("transformers_twotower") is None, "the package must not be importable here"
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    folder, fixture = sys.argv[1], sys.argv[2]
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    assert type(config).__name__ == "TwoTowerConfig"
+    assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__ == "TwoTowerForDiffusionLM"
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    assert "transformers_twotower" not in sys.modules and "transformers_modules" in type(model).__module__
+
+    expected = json.load(open(fixture + "/expected.json"))
+    tensors = load_file(fixture + "/expected.safetensors")
+    prompt = torch.tensor([expected["prompts"]["main"]])
+    diff = (model(prompt).logits - tensors["context_forward/main/logits"]).abs().max().item()
+    assert diff < 5e-4, diff
+    run = expected["diffusion"]["main/b4_s4_thr0.9_n12"]
+    out = model.generate_mask_diffusion(prompt, **run["kwargs"])
+    assert out[0].tolist() == run["output_ids"]
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    special = ["<pad>", "<s>", "</s>", "<mask>"]
+    text = " ".join(special[i] if i < 4 else f"w{i}" for i in expected["prompts"]["main"])
+    assert tokenizer(text, add_special_tokens=False).input_ids == expected["prompts"]["main"]
+    generator = pipeline("text-generation", model=folder, trust_remote_code=True, dtype=torch.float32)
+    kwargs = dict(max_new_tokens=12, block_size=4, steps_per_block=4, confidence_threshold=0.9, eos_token_id=None)
+    piped = generator(text, return_full_text=False, add_special_tokens=False, **kwargs)[0]["generated_text"]
+    generated = model.generate(prompt, **kwargs)[0, prompt.shape[1]:]
+    assert generated.tolist() == run["generated_ids"], "the pipeline's default mode is mask diffusion"
+    assert piped.split() == tokenizer.decode(generated).split(), (piped, tokenizer.decode(generated))
+    print("remote code OK")
+    """
+)
+
+
+def test_loads_anywhere_with_trust_remote_code(converted, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_CHECK, str(converted), str(RELEASE_FIXTURE)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0 and "remote code OK" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+# --- Nemotron-H -> TwoTower -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nemotron_h(tmp_path_factory):
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    fields = NemotronHConfig.__dataclass_fields__
+    config = NemotronHConfig(**{k: v for k, v in tiny_config().to_dict().items() if k in fields})
+    torch.manual_seed(0)
+    model = NemotronHForCausalLM(config).eval()
+    folder = tmp_path_factory.mktemp("nemotron_h") / "backbone"
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def test_nemotron_h_to_twotower(nemotron_h, tmp_path):
+    backbone, folder = nemotron_h
+    out = convert_nemotron_h_to_twotower(folder, tmp_path / "twotower", mask_token_id=3, block_size=4)
+    model = TwoTowerForDiffusionLM.from_pretrained(out).eval()
+    assert (model.config.mask_token_id, model.config.block_size) == (3, 4)
+    for layer in backbone.model.layers:  # transformers' dt clamp aligned with the release's (none)
+        if layer.block_type == "linear_attention":
+            layer.mixer.time_step_limit = tuple(model.config.time_step_limit)
+    ids = torch.randint(4, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, backbone(ids).logits.float()), "the context tower is the backbone"
+        # The untrained denoiser starts as the backbone: Mock-AR predicts the backbone's next token, and t is inert.
+        cache = model.prefill(ids)
+        mock_ar = model.denoise_step(ids[:, -1:], cache, None, behind=True)[:, -1]
+        torch.testing.assert_close(mock_ar, cache.next_token_logits, rtol=1e-5, atol=1e-5)
+        block = torch.tensor([[3, 5, 3, 3], [3, 3, 3, 9]])
+        for t in (0.25, 1.0):
+            conditioned = model.denoise_step(block, cache, torch.full((2,), t))
+            torch.testing.assert_close(conditioned, model.denoise_step(block, cache, None), rtol=0, atol=0)
+    # The time conditioning can learn: t_block's gradient is not zero.
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert model.t_block[1].weight.grad.abs().sum() > 0
+
+
+# --- errors -----------------------------------------------------------------------------------------------------------
+
+
+def broken_copy(tmp_path: Path, name: str) -> Path:
+    folder = tmp_path / name
+    shutil.copytree(RELEASE_FIXTURE, folder, ignore=shutil.ignore_patterns("expected.*"))
+    return folder
+
+
+def break_truncated(folder):
+    shard = folder / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    return "model-00002-of-00002.safetensors"
+
+
+def break_garbage(folder):
+    (folder / "model-00001-of-00002.safetensors").write_bytes(b"not a safetensors file at all")
+    return "model-00001-of-00002.safetensors"
+
+
+def break_outside(folder):
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../elsewhere.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return "outside the input folder"
+
+
+def break_pickle(folder):
+    for path in folder.glob("model*"):
+        path.unlink()
+    torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
+    return "pickle"
+
+
+def rewrite_shard(folder, edit):
+    shard = folder / "model-00002-of-00002.safetensors"
+    with safe_open(shard, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = edit(tensors)
+    save_file(tensors, shard)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard.name}
+    index["weight_map"].update(dict.fromkeys(tensors, shard.name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def break_missing(folder):
+    def edit(tensors):
+        del tensors["lm_head.weight"]
+        return tensors
+
+    rewrite_shard(folder, edit)
+    return "missing: lm_head.weight"
+
+
+def break_unexpected(folder):
+    rewrite_shard(folder, lambda tensors: {**tensors, "denoiser_tower.extra.weight": torch.zeros(2)})
+    return "unexpected: denoiser_tower.extra.weight"
+
+
+def break_shape(folder):
+    rewrite_shard(folder, lambda tensors: {**tensors, "lm_head.weight": torch.zeros(3, 3)})
+    return "mis-shaped: lm_head.weight"
+
+
+def break_missing_expert(folder):
+    def edit(tensors):
+        name = next(k for k in tensors if ".mixer.experts.3.up_proj.weight" in k)
+        del tensors[name]
+        return tensors
+
+    rewrite_shard(folder, edit)
+    return "expert tensors missing"
+
+
+def break_index(folder):
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["context_tower.phantom.weight"] = "model-00001-of-00002.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return "does not match"
+
+
+@pytest.mark.parametrize(
+    "breaker",
+    [break_truncated, break_garbage, break_outside, break_pickle, break_missing, break_unexpected, break_shape,
+     break_missing_expert, break_index],
+)  # fmt: skip
+@pytest.mark.parametrize("existing_output", [False, True])
+def test_bad_checkpoints_are_refused_and_the_output_is_untouched(tmp_path, breaker, existing_output):
+    source = broken_copy(tmp_path, "source")
+    expected_message = breaker(source)
+    output = tmp_path / "out"
+    if existing_output:
+        output.mkdir()
+        (output / "keep.txt").write_text("previous result")
+    before = snapshot(output)
+    with pytest.raises(CheckpointError, match=expected_message.replace("(", r"\(")):
+        convert_release_to_package(source, output, overwrite=existing_output)
+    assert snapshot(output) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "no temporary folder left behind"
+
+
+def test_non_empty_output_needs_overwrite(release_copy, tmp_path, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("previous result")
+    before = snapshot(output)
+    assert main(["--input", str(release_copy), "--output", str(output)]) == 1
+    assert "not empty" in capsys.readouterr().err and snapshot(output) == before
+    assert main(["--input", str(release_copy), "--output", str(output), "--overwrite"]) == 0
+    assert not (output / "keep.txt").exists() and (output / "config.json").exists()
+
+
+def test_an_interrupted_run_leaves_nothing(release_copy, tmp_path, monkeypatch):
+    import checkpoint_io
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_io.ShardWriter, "finish", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        convert_release_to_package(release_copy, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
