@@ -5,7 +5,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .cache_twotower import DenoiserContext, TwoTowerCache
 from .configuration_twotower import TwoTowerConfig
 from .generation_twotower import TwoTowerGenerationConfig, TwoTowerGenerationMixin, TwoTowerGenerationOutput
-from .modeling_twotower import TwoTowerForDiffusionLM, TwoTowerPreTrainedModel
+from .modeling_twotower import TwoTowerForDiffusionLM, TwoTowerPreTrainedModel, two_tower_device_map
 
 
 AutoConfig.register("twotower", TwoTowerConfig, exist_ok=True)
@@ -21,4 +21,5 @@ __all__ = [
     "TwoTowerGenerationMixin",
     "TwoTowerGenerationOutput",
     "TwoTowerPreTrainedModel",
+    "two_tower_device_map",
 ]

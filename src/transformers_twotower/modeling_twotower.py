@@ -19,6 +19,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightConverter
+from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.nemotron_h.modeling_nemotron_h import (
@@ -33,11 +34,14 @@ from transformers.models.nemotron_h.modeling_nemotron_h import (
     eager_attention_forward,
     mamba2_chunk_scan,
 )
+from transformers.utils import logging
 
 from .cache_twotower import DenoiserContext, TwoTowerCache, additive_mask, check_left_padded
 from .configuration_twotower import TwoTowerConfig
 from .generation_twotower import TwoTowerGenerationConfig, TwoTowerGenerationMixin
 
+
+logger = logging.get_logger(__name__)
 
 # The release stores one module per expert; transformers' Nemotron-H stacks them into 3-D tensors when loading (and
 # splits them again when saving). Reuse exactly those rules; Nemotron-H's `backbone.` -> `model.` rename does not
@@ -49,6 +53,17 @@ register_checkpoint_conversion_mapping(
 )
 
 
+# LoRA's default targets for `model_type="twotower"`: the denoiser's attention and Mamba projections, never the frozen
+# context tower (PEFT reads a string as a regular expression over module names).
+DENOISER_LORA_TARGETS = r"denoiser_tower\.layers\.\d+\.mixer\.(q_proj|k_proj|v_proj|o_proj|in_proj|out_proj)"
+try:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+except ImportError:  # PEFT is optional
+    pass
+else:
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["twotower"] = DENOISER_LORA_TARGETS
+
+
 class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
     """Nemotron-H's Mamba-2 mixer with the release's `dt` clamp, plus the denoiser's context-seeded scan."""
 
@@ -57,6 +72,16 @@ class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
         # transformers clamps dt from below at `time_step_min`; the release clamps with `time_step_limit` ([0, inf]).
         self.time_step_limit = tuple(config.time_step_limit)
 
+    def forward(self, hidden_states, cache_params=None, attention_mask=None, context_state=None, **kwargs):
+        """Nemotron-H's forward; with `context_state=(conv_history, ssm_state)`, the denoiser's seeded scan.
+
+        Both go through the module call, so Accelerate's hooks (device placement, offloading) fire.
+        """
+        if context_state is None:
+            return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+        return self.seeded_forward(hidden_states, *context_state)
+
+    @force_accelerate_hooks("conv1d")  # the conv weight is read directly, not through `conv1d`'s forward
     def seeded_forward(
         self, hidden_states: torch.Tensor, conv_history: torch.Tensor, ssm_state: torch.Tensor
     ) -> torch.Tensor:
@@ -70,7 +95,9 @@ class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
         )
 
         # 1. Causal conv over [context history | block]; keep the block's outputs.
-        xBC = torch.cat([conv_history.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)  # (B, conv_dim, K - 1 + L)
+        # The context's states may live on another device (the context tower's): they move to this layer.
+        history = conv_history.to(device=xBC.device, dtype=xBC.dtype)
+        xBC = torch.cat([history, xBC.transpose(1, 2)], dim=-1)  # (B, conv_dim, K - 1 + L)
         xBC = causal_conv1d_fn(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation)
         xBC = xBC[..., -length:].transpose(1, 2)  # (B, L, conv_dim)
         groups_state = self.n_groups * self.ssm_state_size
@@ -86,7 +113,7 @@ class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
             chunk_size=self.chunk_size,
             D=self.D.float(),
             dt_bias=self.dt_bias.float(),
-            initial_states=ssm_state.float(),
+            initial_states=ssm_state.to(device=x.device, dtype=torch.float32),
             dt_softplus=True,
             dt_limit=self.time_step_limit,
         )  # (B, L, heads, hd)
@@ -98,6 +125,17 @@ class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
 
 class TwoTowerAttention(NemotronHAttention):
     """Nemotron-H attention (no positional encoding), plus the denoiser's joint attention over context + block."""
+
+    def forward(
+        self, hidden_states, attention_mask=None, past_key_values=None, context_kv=None, num_blocks=1, **kwargs
+    ):
+        """Nemotron-H's attention; with `context_kv=(keys, values)`, the denoiser's joint attention (returns
+        `(output, None)` either way)."""
+        if context_kv is None:
+            return super().forward(
+                hidden_states, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs
+            )
+        return self.joint_forward(hidden_states, *context_kv, attention_mask, num_blocks), None
 
     def joint_forward(
         self,
@@ -119,8 +157,11 @@ class TwoTowerAttention(NemotronHAttention):
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, heads, nb * S, hd)
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, kv_heads, nb * S, hd)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = torch.cat([context_keys.to(key.dtype), key], dim=2)  # (B, kv_heads, T + nb * S, hd)
-        value = torch.cat([context_values.to(value.dtype), value], dim=2)
+        # The context K/V (written by the context tower, perhaps on another device) move to this layer.
+        key = torch.cat([context_keys.to(key.device, key.dtype), key], dim=2)  # (B, kv_heads, T + nb * S, hd)
+        value = torch.cat([context_values.to(value.device, value.dtype), value], dim=2)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(query.device)
 
         # Arbitrary masks need eager or sdpa; other kernels (flash) cannot express the block structure.
         implementation = self.config._attn_implementation
@@ -167,6 +208,7 @@ class TwoTowerDenoiserBlock(TwoTowerBlock):
         if modulation is None:
             normed = self.norm(hidden_states)
         else:
+            modulation = modulation.to(hidden_states.device)
             shift, scale, gate = modulation[:, :, None, :].unbind(1)  # each (B * nb, 1, H)
             if normed_first:  # MoE / MLP: modulate(RMSNorm(x))
                 normed = self.norm(hidden_states) * (1 + scale) + shift
@@ -174,16 +216,12 @@ class TwoTowerDenoiserBlock(TwoTowerBlock):
                 normed = self.norm(hidden_states * (1 + scale) + shift)
 
         if self.block_type == "linear_attention":
-            out = self.mixer.seeded_forward(
-                normed, context.conv_history[self.layer_idx], context.ssm_states[self.layer_idx]
-            )
+            context_state = (context.conv_history[self.layer_idx], context.ssm_states[self.layer_idx])
+            out = self.mixer(normed, context_state=context_state)
         elif self.block_type == "full_attention":
-            out = self.mixer.joint_forward(
-                normed,
-                context.keys[self.layer_idx],
-                context.values[self.layer_idx],
-                context.attention_mask,
-                context.num_blocks,
+            context_kv = (context.keys[self.layer_idx], context.values[self.layer_idx])
+            out, _ = self.mixer(
+                normed, attention_mask=context.attention_mask, context_kv=context_kv, num_blocks=context.num_blocks
             )
         else:
             out = self.mixer(normed)
@@ -228,6 +266,48 @@ class TwoTowerTimestepEmbedder(nn.Module):
         return self.mlp(features.to(dtype))
 
 
+def two_tower_device_map(context_device, denoiser_device) -> dict[str, str | int | torch.device]:
+    """A `device_map` placing the context tower (and its head) on `context_device` and the denoiser tower, its head
+    and the time conditioning on `denoiser_device`, as the release ran them on two GPUs:
+    `TwoTowerForDiffusionLM.from_pretrained(path, device_map=two_tower_device_map("cuda:0", "cuda:1"))`.
+    The denoiser reads the context's K/V and Mamba states across devices."""
+    return {
+        "context_tower": context_device,
+        "context_lm_head": context_device,
+        "denoiser_tower": denoiser_device,
+        "lm_head": denoiser_device,
+        "t_embedder": denoiser_device,
+        "t_block": denoiser_device,
+        "scale_shift_tables": denoiser_device,
+    }
+
+
+class TwoTowerScaleShiftTables(nn.Module):
+    """adaLN-single's per-layer tables: parameter `i` is layer `i`'s `(3, H)` table (rows: shift, scale, gate).
+
+    A module with a `forward` (not a list read in place) so that Accelerate's hooks load and place the tables when
+    they are offloaded. Its parameters are named `0`, `1`, ... as in the release (`scale_shift_tables.{i}`).
+    """
+
+    def __init__(self, num_layers: int, hidden_size: int):
+        super().__init__()
+        for i in range(num_layers):
+            self.register_parameter(str(i), nn.Parameter(torch.zeros(3, hidden_size)))
+
+    def __len__(self) -> int:
+        return len(self._parameters)
+
+    def __getitem__(self, index: int) -> nn.Parameter:
+        return self._parameters[str(index)]
+
+    def __iter__(self):
+        return iter(self._parameters.values())
+
+    def forward(self, t_emb: torch.Tensor) -> list[torch.Tensor]:
+        """t_emb (rows, 3, H) -> every layer's `table + t_emb`, (rows, 3, H)."""
+        return [table.to(t_emb.device) + t_emb for table in self]
+
+
 class TwoTowerPreTrainedModel(NemotronHPreTrainedModel):
     config_class = TwoTowerConfig
     config: TwoTowerConfig
@@ -268,9 +348,7 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.t_embedder = TwoTowerTimestepEmbedder(config)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(config.hidden_size, 3 * config.hidden_size))
-        self.scale_shift_tables = nn.ParameterList(
-            [nn.Parameter(torch.zeros(3, config.hidden_size)) for _ in range(config.num_hidden_layers)]
-        )
+        self.scale_shift_tables = TwoTowerScaleShiftTables(config.num_hidden_layers, config.hidden_size)
         self.post_init()
         if config.freeze_context_tower:
             self.freeze_context_tower()
@@ -294,6 +372,20 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         """The context tower is frozen and always runs in eval mode (no dropout, never gradient-checkpointed)."""
         super().train(mode)
         self.context_tower.eval()
+        if mode:
+            adapted = sorted(
+                {
+                    "context_tower." + name.split(".lora_")[0]
+                    for name, _ in self.context_tower.named_modules()
+                    if ".lora_" in name
+                }
+            )
+            if adapted:
+                logger.warning(
+                    f"Adapters on the frozen context tower never train (it runs without gradient): {adapted[:6]}"
+                    f"{' ...' if len(adapted) > 6 else ''}. Target the denoiser instead, e.g. the default "
+                    f"`LoraConfig()` targets `{DENOISER_LORA_TARGETS}`."
+                )
         return self
 
     def get_input_embeddings(self):
@@ -325,21 +417,16 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         cache.record_written(token_ids.shape[1])
         return hidden
 
-    def _zero_mamba_states(self, batch_size: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """The Mamba states of an empty context."""
+    def _zero_mamba_states(
+        self, batch_size: int, device: torch.device
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The Mamba states of an empty context, on `device` (weights may be offloaded, so not theirs)."""
         mixer = next(layer.mixer for layer in self.context_tower.layers if layer.block_type == "linear_attention")
-        weight = mixer.in_proj.weight
+        shape = (batch_size, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size)
         conv = torch.zeros(
-            batch_size, mixer.conv_dim, mixer.conv_kernel_size, dtype=weight.dtype, device=weight.device
+            batch_size, mixer.conv_dim, mixer.conv_kernel_size, dtype=mixer.in_proj.weight.dtype, device=device
         )
-        ssm = torch.zeros(
-            batch_size,
-            mixer.num_heads,
-            mixer.head_dim,
-            mixer.ssm_state_size,
-            dtype=torch.float32,
-            device=weight.device,
-        )
+        ssm = torch.zeros(shape, dtype=torch.float32, device=device)
         return {
             i: (conv.clone(), ssm.clone())
             for i, kind in enumerate(self.config.layers_block_type)
@@ -359,7 +446,7 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
             self._run_context_tower(input_ids[:, :-1], cache)
             cache.previous_mamba_states = cache.snapshot_mamba_states()
         else:
-            cache.previous_mamba_states = self._zero_mamba_states(input_ids.shape[0])
+            cache.previous_mamba_states = self._zero_mamba_states(input_ids.shape[0], input_ids.device)
         cache.attention_mask = mask
         hidden = self._run_context_tower(input_ids[:, -1:], cache)
         cache.next_token_logits = self.context_lm_head(hidden[:, -1]).float()
@@ -398,8 +485,9 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         """block_ids (B * nb, S) -> fp32 logits (B * nb, S, V)."""
         hidden = self.denoiser_tower.embeddings(block_ids)
         t_emb = self.time_embedding(t)
-        for layer, table in zip(self.denoiser_tower.layers, self.scale_shift_tables):
-            modulation = None if t_emb is None else table + t_emb  # (B * nb, 3, H): shift, scale, gate
+        # Per layer (B * nb, 3, H): shift, scale, gate; or None (no time conditioning).
+        modulations = [None] * len(self.denoiser_tower.layers) if t_emb is None else self.scale_shift_tables(t_emb)
+        for layer, modulation in zip(self.denoiser_tower.layers, modulations):
             hidden = layer(hidden, modulation, context=context)
         hidden = self.denoiser_tower.norm_f(hidden)
         return self.lm_head(hidden).float()
@@ -435,7 +523,7 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
 
         cache = TwoTowerCache(self.config)
         cache.attention_mask = attention_mask[:, :0]
-        seeds = [self._zero_mamba_states(batch_size)]
+        seeds = [self._zero_mamba_states(batch_size, input_ids.device)]
         for b in range(num_blocks):
             if b > 0:
                 seeds.append(cache.snapshot_mamba_states())
@@ -545,4 +633,4 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         return CausalLMOutputWithPast(logits=logits)
 
 
-__all__ = ["TwoTowerForDiffusionLM", "TwoTowerPreTrainedModel", "TwoTowerTower"]
+__all__ = ["TwoTowerForDiffusionLM", "TwoTowerPreTrainedModel", "TwoTowerTower", "two_tower_device_map"]
