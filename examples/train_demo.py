@@ -169,8 +169,8 @@ def main(argv=None):
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--ar-steps", type=int, default=1600)
-    parser.add_argument("--denoiser-steps", type=int, default=900)
+    parser.add_argument("--ar-steps", type=int, default=1000)
+    parser.add_argument("--denoiser-steps", type=int, default=800)
     args = parser.parse_args(argv)
 
     from convert_nemotron_h_to_twotower import convert_nemotron_h_to_twotower

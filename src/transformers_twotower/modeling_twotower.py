@@ -339,6 +339,9 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
     """
 
     generation_config_class = TwoTowerGenerationConfig
+    # The loss averages over the masked tokens itself (not over labels): Trainer must not renormalise it with its
+    # label count (`num_items_in_batch`), only average it over gradient-accumulation steps and processes.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: TwoTowerConfig):
         super().__init__(config)

@@ -1,0 +1,194 @@
+"""Fine-tuning the denoiser: the Trainer script, PEFT adapters, Accelerate device maps, two processes under DDP."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model, word_tokenizer, words
+
+from transformers_twotower import TwoTowerForDiffusionLM, modeling_twotower, two_tower_device_map
+
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+spec = importlib.util.spec_from_file_location("finetune_denoiser", ROOT / "examples/finetune_denoiser.py")
+finetune = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(finetune)
+
+GENERATE = dict(max_new_tokens=8, block_size=4, steps_per_block=4, eos_token_id=None)
+MODES = ["mask_diffusion", "mock_ar", "ar"]
+
+
+def prompt_ids():
+    return torch.randint(4, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    model = tiny_model(seed=1)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    word_tokenizer(model.config.vocab_size).save_pretrained(folder)
+    return model, folder
+
+
+# --- Trainer ------------------------------------------------------------------------------------------------------
+
+
+def test_finetune_script(saved_model, tmp_path):
+    model, folder = saved_model
+    generator = torch.Generator().manual_seed(0)
+    lines = [words(torch.randint(4, 64, (10,), generator=generator).tolist()) for _ in range(4)]
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n".join(lines * 4) + "\n")
+    out = tmp_path / "out"
+    trainer = finetune.main(
+        ["--model", str(folder), "--data", str(data), "--output", str(out), "--seq-len", "16",
+         "--max-steps", "12", "--batch-size", "4", "--lr", "3e-3", "--cpu"]
+    )  # fmt: skip
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]), losses
+    tuned = TwoTowerForDiffusionLM.from_pretrained(out)
+    for name, tensor in model.context_tower.state_dict().items():
+        assert torch.equal(tuned.context_tower.state_dict()[name], tensor), name
+    assert not torch.equal(tuned.lm_head.weight, model.lm_head.weight)
+    assert (out / "tokenizer.json").exists()
+
+
+def test_jsonl_data_and_packing(tmp_path):
+    tokenizer = word_tokenizer(64)
+    data = tmp_path / "corpus.jsonl"
+    data.write_text('{"body": "w5 w6 w7"}\n{"body": "w8 w9"}\n' * 3)
+    dataset = finetune.build_dataset(tokenizer, str(data), seq_len=8, block_size=4, text_field="body")
+    assert dataset.column_names == ["input_ids", "labels"] and len(dataset) == 3
+    assert dataset[0]["input_ids"] == [1, 5, 6, 7, 2, 1, 8, 9]
+    with pytest.raises(ValueError, match="no field 'text'"):
+        finetune.build_dataset(tokenizer, str(data), seq_len=8, block_size=4)
+
+
+def test_bad_training_input():
+    with pytest.raises(ValueError, match="fewer than one training sequence"):
+        finetune.pack_for_diffusion([[1, 5, 2], [1, 6, 2]], seq_len=16, block_size=16)
+    with pytest.raises(ValueError, match="multiple of the model's block_size"):
+        finetune.pack_for_diffusion([[5] * 100], seq_len=18, block_size=16)
+    model = tiny_model()
+    ids = prompt_ids()
+    with pytest.raises(ValueError, match="`labels` must have the shape"):
+        model(ids, labels=ids[:, :-1])
+    with pytest.raises(ValueError, match="`noise_mask` must have the shape"):
+        model(ids, labels=ids, noise_mask=torch.ones(2, 3, dtype=torch.bool))
+
+
+# --- PEFT ---------------------------------------------------------------------------------------------------------
+
+
+def test_lora_defaults_target_the_denoiser_and_round_trip(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    ids = prompt_ids()
+    adapted = get_peft_model(tiny_model(seed=1), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+    trainable = [name for name, p in adapted.named_parameters() if p.requires_grad]
+    assert trainable and all(".denoiser_tower.layers." in name and ".lora_" in name for name in trainable)
+    targeted = {name.split(".mixer.")[1].split(".")[0] for name in trainable}
+    assert targeted == {"q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj"}
+
+    adapted.eval()
+    expected = {mode: adapted.generate(input_ids=ids, generation_mode=mode, **GENERATE) for mode in MODES}
+    base = tiny_model(seed=1).generate(ids, **GENERATE)
+    assert not torch.equal(expected["mask_diffusion"], base), "the adapter must change something"
+
+    adapted.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(tiny_model(seed=1), tmp_path / "adapter").eval()
+    merged = reloaded.merge_and_unload()
+    assert isinstance(merged, TwoTowerForDiffusionLM)
+    for mode in MODES:
+        assert torch.equal(reloaded.generate(input_ids=ids, generation_mode=mode, **GENERATE), expected[mode])
+        assert torch.equal(merged.generate(ids, generation_mode=mode, **GENERATE), expected[mode])
+
+
+def test_lora_trains_the_adapter_only():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model(seed=1), LoraConfig(r=4))
+    model.train()
+    ids = prompt_ids()
+    model(input_ids=ids, labels=ids).loss.backward()
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all(".lora_" in name and "denoiser_tower" in name for name in with_grad)
+
+
+def test_lora_on_experts_recipe():
+    """Experts are 3-D parameters, not Linear modules: LoRA reaches them through `target_parameters`."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=2, target_modules=[], target_parameters=["denoiser_tower.layers.2.mixer.experts.up_proj"])
+    model = get_peft_model(tiny_model(seed=1), config)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("denoiser_tower.layers.2.mixer.experts" in name for name in trainable)
+    ids = prompt_ids()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_lora_on_the_context_tower_is_called_out(monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    messages = []
+    monkeypatch.setattr(modeling_twotower.logger, "warning", lambda message, *a: messages.append(message))
+    model = get_peft_model(tiny_model(seed=1), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.train()
+    assert messages and "context_tower.layers.1.mixer.q_proj" in messages[0]
+
+
+# --- Accelerate ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cpu_share", [3, 2])  # a third / half of the model on the CPU, the rest offloaded to disk
+def test_device_map_with_disk_offload_generates_the_same(saved_model, tmp_path, cpu_share):
+    model, folder = saved_model
+    ids = prompt_ids()
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    offloaded = TwoTowerForDiffusionLM.from_pretrained(
+        folder, device_map="auto", max_memory={"cpu": size // cpu_share}, offload_folder=tmp_path / "offload"
+    )
+    assert "disk" in offloaded.hf_device_map.values()
+    # `_no_split_modules` keeps every layer whole.
+    assert all(key.count(".") <= 2 for key in offloaded.hf_device_map), offloaded.hf_device_map
+    for mode in MODES:
+        assert torch.equal(
+            offloaded.generate(ids, generation_mode=mode, **GENERATE),
+            model.generate(ids, generation_mode=mode, **GENERATE),
+        )
+
+
+def test_two_tower_device_map(saved_model, tmp_path):
+    model, folder = saved_model
+    device_map = two_tower_device_map("cpu", "disk")
+    split = TwoTowerForDiffusionLM.from_pretrained(folder, device_map=device_map, offload_folder=tmp_path / "offload")
+    assert split.hf_device_map == device_map
+    ids = prompt_ids()
+    assert torch.equal(split.generate(ids, **GENERATE), model.generate(ids, **GENERATE))
+
+
+# --- several processes ------------------------------------------------------------------------------------------------
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """DDP over 2 CPU processes (gloo) on the same global batch gives the single-process weights (to 1e-6: only the
+    order of the gradient all-reduce differs)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE)}
+    run = lambda *cmd: subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)  # noqa: E731
+    one = run(sys.executable, "ddp_worker.py", str(tmp_path / "one.pt"), "4")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+              "ddp_worker.py", str(tmp_path / "two.pt"), "4")  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    single, distributed = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    initial = tiny_model(seed=0).state_dict()
+    assert max((single[k] - initial[k]).abs().max() for k in single) > 1e-2, "training must move the weights"
+    for name in single:
+        torch.testing.assert_close(distributed[name], single[name], rtol=0, atol=1e-6, msg=name)
