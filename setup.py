@@ -9,10 +9,13 @@ setup(
     long_description_content_type="text/markdown",
     package_dir={"": "src"},
     packages=["transformers_twotower"],
+    package_data={"transformers_twotower": ["demo/*"]},
+    entry_points={"console_scripts": ["twotower = transformers_twotower.__main__:main"]},
     python_requires=">=3.10",
     install_requires=["transformers==5.23.*", "torch>=2.4", "accelerate", "safetensors"],
     extras_require={
         "test": ["pytest", "peft", "datasets"],
         "cuda": ["mamba-ssm", "causal-conv1d"],
+        "bench": ["matplotlib"],
     },
 )

@@ -219,10 +219,9 @@ def copy_package_code(target: Path) -> list[str]:
 
     package = Path(transformers_twotower.__file__).parent
     copied = []
-    for path in sorted(package.glob("*.py")):
-        if path.name != "__init__.py":
-            shutil.copy2(path, target / path.name)
-            copied.append(path.name)
+    for path in sorted(package.glob("*_twotower.py")):  # the model's modules; not __init__ or the command line
+        shutil.copy2(path, target / path.name)
+        copied.append(path.name)
     return copied
 
 

@@ -173,6 +173,7 @@ def main(argv=None):
     parser.add_argument("--denoiser-steps", type=int, default=800)
     args = parser.parse_args(argv)
 
+    from checkpoint_io import copy_package_code
     from convert_nemotron_h_to_twotower import convert_nemotron_h_to_twotower
     from convert_nvidia_twotower import AUTO_MAP
     from transformers import NemotronHForCausalLM
@@ -220,9 +221,7 @@ def main(argv=None):
         model.generation_config = TwoTowerGenerationConfig.from_model_config(model.config)
         model.to(torch.bfloat16).save_pretrained(output)
         tokenizer.save_pretrained(output)
-        for path in (ROOT / "src/transformers_twotower").glob("*.py"):
-            if path.name != "__init__.py":
-                shutil.copy2(path, output / path.name)
+        copy_package_code(output)
     log["total_minutes"] = (time.time() - started) / 60
     (output / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
     print(json.dumps(log, indent=2))
