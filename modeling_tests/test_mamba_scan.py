@@ -43,7 +43,7 @@ def naive_seeded_mixer(mixer, hidden, conv_history, ssm_state):
     grouped = y.view(batch, length, groups, d_inner // groups)
     grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + mixer.norm.variance_epsilon)
     y = grouped.view(batch, length, d_inner) * mixer.norm.weight
-    return y @ mixer.out_proj.weight.T
+    return y @ mixer.out_proj.weight.T, inputs[:, -kernel:].transpose(1, 2), state
 
 
 @pytest.mark.parametrize("length", [3, 8, 13, 17])  # chunk_size is 8: shorter, equal, longer, > 2 chunks
@@ -56,9 +56,11 @@ def test_seeded_scan_equals_naive_recurrence(length):
     conv_history = torch.randn(2, mixer.conv_dim, mixer.conv_kernel_size - 1)
     ssm_state = torch.randn(2, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size)
     with torch.no_grad():
-        fast = mixer.seeded_forward(hidden, conv_history, ssm_state)
-        slow = naive_seeded_mixer(mixer, hidden, conv_history, ssm_state)
+        fast, fast_conv, fast_state = mixer.seeded_forward(hidden, conv_history, ssm_state)
+        slow, slow_conv, slow_state = naive_seeded_mixer(mixer, hidden, conv_history, ssm_state)
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast_conv, slow_conv, rtol=0, atol=0)  # the last K raw conv inputs
+    torch.testing.assert_close(fast_state, slow_state, rtol=1e-4, atol=1e-5)
 
 
 def test_seed_matters():
@@ -69,9 +71,9 @@ def test_seed_matters():
     zero_conv = torch.zeros(1, mixer.conv_dim, mixer.conv_kernel_size - 1)
     zero_ssm = torch.zeros(1, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size)
     with torch.no_grad():
-        seeded_zero = mixer.seeded_forward(hidden, zero_conv, zero_ssm)
+        seeded_zero = mixer.seeded_forward(hidden, zero_conv, zero_ssm)[0]
         unseeded = mixer(hidden)  # Nemotron-H's own forward, no cache
-        seeded = mixer.seeded_forward(hidden, zero_conv, torch.randn_like(zero_ssm))
+        seeded = mixer(hidden, context_state=(zero_conv, torch.randn_like(zero_ssm)))
     torch.testing.assert_close(seeded_zero, unseeded, rtol=1e-4, atol=1e-5)
     assert (seeded - unseeded).abs().max() > 1e-3
 

@@ -30,6 +30,7 @@ from transformers.models.nemotron_h.modeling_nemotron_h import (
     NemotronHModel,
     NemotronHPreTrainedModel,
     NemotronHRMSNorm,
+    apply_mask_to_padding_states,
     causal_conv1d_fn,
     eager_attention_forward,
     mamba2_chunk_scan,
@@ -65,7 +66,9 @@ else:
 
 
 class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
-    """Nemotron-H's Mamba-2 mixer with the release's `dt` clamp, plus the denoiser's context-seeded scan."""
+    """Nemotron-H's Mamba-2 mixer with the release's `dt` clamp and a seeded scan: a block that continues from a
+    given Mamba state. The denoiser runs it from the context's state (and writes nothing back); the context tower runs
+    it to append a committed block to its cache."""
 
     def __init__(self, config: TwoTowerConfig, layer_idx: int):
         super().__init__(config, layer_idx=layer_idx)
@@ -73,54 +76,79 @@ class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
         self.time_step_limit = tuple(config.time_step_limit)
 
     def forward(self, hidden_states, cache_params=None, attention_mask=None, context_state=None, **kwargs):
-        """Nemotron-H's forward; with `context_state=(conv_history, ssm_state)`, the denoiser's seeded scan.
+        """Nemotron-H's forward, except for two seeded cases:
 
-        Both go through the module call, so Accelerate's hooks (device placement, offloading) fire.
+        - `context_state=(conv_history, ssm_state)`: the denoiser's scan from a context's state;
+        - several tokens appended to a cache that already holds a state: the context tower extending by a block.
+
+        Everything goes through the module call, so Accelerate's hooks (device placement, offloading) fire.
         """
-        if context_state is None:
-            return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
-        return self.seeded_forward(hidden_states, *context_state)
+        if context_state is not None:
+            return self.seeded_forward(hidden_states, *context_state)[0]
+        if cache_params is not None and hidden_states.shape[1] > 1 and cache_params.has_previous_state(self.layer_idx):
+            conv_state = cache_params.get_conv_state(self.layer_idx)
+            ssm_state = cache_params.get_recurrent_state(self.layer_idx)
+            hidden_states = apply_mask_to_padding_states(hidden_states, attention_mask)
+            out, new_conv_state, new_ssm_state = self.seeded_forward(hidden_states, conv_state[..., 1:], ssm_state)
+            conv_state.copy_(new_conv_state)  # in place: the cache's tensors keep their addresses
+            ssm_state.copy_(new_ssm_state)
+            return out
+        return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
 
     @force_accelerate_hooks("conv1d")  # the conv weight is read directly, not through `conv1d`'s forward
     def seeded_forward(
         self, hidden_states: torch.Tensor, conv_history: torch.Tensor, ssm_state: torch.Tensor
-    ) -> torch.Tensor:
-        """Run the mixer over a block, starting from a context's Mamba state; writes nothing back.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the mixer over a block that continues a sequence whose Mamba state is given.
 
-        hidden_states: (B, L, H); conv_history: (B, conv_dim, K - 1) raw xBC inputs; ssm_state: (B, heads, hd, N).
+        hidden_states: (B, L, H); conv_history: (B, conv_dim, K - 1), the last raw xBC inputs before the block;
+        ssm_state: (B, heads, hd, N). Returns the output (B, L, H) and the state after the block: the last K raw xBC
+        inputs (B, conv_dim, K) and the SSM state (B, heads, hd, N), fp32.
         """
         batch_size, length, _ = hidden_states.shape
         gate, xBC, dt = self.in_proj(hidden_states).split(
             [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1
         )
 
-        # 1. Causal conv over [context history | block]; keep the block's outputs.
-        # The context's states may live on another device (the context tower's): they move to this layer.
+        # 1. Causal conv over [history | block]; keep the block's outputs. The context's states may live on another
+        # device (the context tower's): they move to this layer.
         history = conv_history.to(device=xBC.device, dtype=xBC.dtype)
-        xBC = torch.cat([history, xBC.transpose(1, 2)], dim=-1)  # (B, conv_dim, K - 1 + L)
-        xBC = causal_conv1d_fn(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation)
+        conv_inputs = torch.cat([history, xBC.transpose(1, 2)], dim=-1)  # (B, conv_dim, K - 1 + L)
+        xBC = causal_conv1d_fn(
+            conv_inputs, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation
+        )
         xBC = xBC[..., -length:].transpose(1, 2)  # (B, L, conv_dim)
         groups_state = self.n_groups * self.ssm_state_size
         x, B, C = xBC.split([self.intermediate_size, groups_state, groups_state], dim=-1)
+        x = x.float().reshape(batch_size, length, self.num_heads, self.head_dim)
+        B = B.float().reshape(batch_size, length, self.n_groups, self.ssm_state_size)
+        C = C.float().reshape(batch_size, length, self.n_groups, self.ssm_state_size)
 
-        # 2. SSM scan in fp32 from the context's state.
-        y = mamba2_chunk_scan(
-            x.float().reshape(batch_size, length, self.num_heads, self.head_dim).contiguous(),
-            dt.float().contiguous(),
-            -torch.exp(self.A_log.float()),
-            B.float().reshape(batch_size, length, self.n_groups, self.ssm_state_size).contiguous(),
-            C.float().reshape(batch_size, length, self.n_groups, self.ssm_state_size).contiguous(),
+        # 2. SSM scan in fp32. The scan is linear in its state: scan(x; h0) = scan(x; 0) + h0 decayed and read by C.
+        # So the chunked kernel always starts from zero (it has been reported wrong with an initial state and a
+        # block shorter than its chunk) and the given state enters exactly, in closed form.
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.time_step_limit)  # (B, L, heads)
+        A = -torch.exp(self.A_log.float())  # (heads,)
+        y, zero_start_state = mamba2_chunk_scan(
+            x.contiguous(),
+            dt.contiguous(),
+            A,
+            B.contiguous(),
+            C.contiguous(),
             chunk_size=self.chunk_size,
             D=self.D.float(),
-            dt_bias=self.dt_bias.float(),
-            initial_states=ssm_state.to(device=x.device, dtype=torch.float32),
-            dt_softplus=True,
-            dt_limit=self.time_step_limit,
-        )  # (B, L, heads, hd)
+            return_final_states=True,
+        )  # (B, L, heads, hd), (B, heads, hd, N)
+        h0 = ssm_state.to(device=x.device, dtype=torch.float32)
+        decay = torch.exp(torch.cumsum(dt * A, dim=1))  # (B, L, heads): decay of h0 up to and including step t
+        C_heads = C.repeat_interleave(self.num_heads // self.n_groups, dim=2)  # (B, L, heads, N)
+        y = y + torch.einsum("blhn,bhpn->blhp", C_heads, h0) * decay[..., None]
+        final_state = zero_start_state + decay[:, -1, :, None, None] * h0
 
         # 3. Gated group norm, output projection.
         y = self.norm(y.reshape(batch_size, length, -1), gate)
-        return self.out_proj(y.to(hidden_states.dtype))
+        out = self.out_proj(y.to(hidden_states.dtype))
+        return out, conv_inputs[..., -self.conv_kernel_size :], final_state
 
 
 class TwoTowerAttention(NemotronHAttention):
