@@ -1,0 +1,69 @@
+"""GPU checks: the CUDA kernels (mamba-ssm, causal-conv1d) against the naive recurrence and the release fixtures,
+and bf16. Skipped, with the reason, where there is no GPU or no kernels."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from conftest import RELEASE_FIXTURE, tiny_model
+from safetensors.torch import load_file
+from test_mamba_scan import naive_seeded_mixer
+
+from transformers_twotower import TwoTowerForDiffusionLM
+
+
+CUDA = torch.cuda.is_available()
+KERNELS = importlib.util.find_spec("mamba_ssm") is not None and importlib.util.find_spec("causal_conv1d") is not None
+needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
+needs_kernels = pytest.mark.skipif(not (CUDA and KERNELS), reason="needs CUDA and the mamba-ssm/causal-conv1d kernels")
+
+
+@needs_kernels
+@pytest.mark.parametrize("length", [3, 8, 13, 16, 40])
+def test_kernel_seeded_scan_equals_naive_recurrence(length):
+    """The chunked Triton kernel with a block shorter than, equal to and longer than its chunk, from a context state."""
+    model = tiny_model().cuda()
+    mixer = model.denoiser_tower.layers[0].mixer
+    generator = torch.Generator().manual_seed(length)
+    hidden = torch.randn(2, length, model.config.hidden_size, generator=generator).cuda()
+    conv_history = torch.randn(2, mixer.conv_dim, mixer.conv_kernel_size - 1, generator=generator).cuda()
+    ssm_state = torch.randn(2, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, generator=generator).cuda()
+    with torch.no_grad():
+        fast, _, fast_state = mixer.seeded_forward(hidden, conv_history, ssm_state)
+        slow, _, slow_state = naive_seeded_mixer(mixer, hidden, conv_history, ssm_state)
+    torch.testing.assert_close(fast, slow, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(fast_state, slow_state, rtol=1e-3, atol=1e-4)
+
+
+@needs_cuda
+def test_release_fixture_on_gpu_fp32():
+    expected = json.loads((RELEASE_FIXTURE / "expected.json").read_text())
+    tensors = load_file(RELEASE_FIXTURE / "expected.safetensors")
+    model = TwoTowerForDiffusionLM.from_pretrained(RELEASE_FIXTURE, dtype=torch.float32).cuda().eval()
+    prompt = torch.tensor([expected["prompts"]["main"]]).cuda()
+    logits = model(prompt).logits.cpu()
+    assert (logits - tensors["context_forward/main/logits"]).abs().max() < 5e-3
+    for case, run in expected["diffusion"].items():
+        ids = torch.tensor([expected["prompts"][run["prompt"]]]).cuda()
+        out = model.generate(ids, **{k: v for k, v in run["kwargs"].items() if k not in ("temperature", "top_k")},
+                             return_dict_in_generate=True)  # fmt: skip
+        assert out.sequences[0].tolist() == run["output_ids"], case
+        assert out.nfe.item() == run["nfe"], case
+
+
+@needs_cuda
+def test_bf16_generation_stays_close_to_fp32():
+    expected = json.loads((RELEASE_FIXTURE / "expected.json").read_text())
+    fp32 = TwoTowerForDiffusionLM.from_pretrained(RELEASE_FIXTURE, dtype=torch.float32).cuda().eval()
+    bf16 = TwoTowerForDiffusionLM.from_pretrained(RELEASE_FIXTURE, dtype=torch.bfloat16).cuda().eval()
+    prompt = torch.tensor([expected["prompts"]["len17"]]).cuda()
+    block = torch.tensor([[3, 219, 3, 3]]).cuda()
+    t = torch.tensor([0.75]).cuda()
+    reference = fp32.denoise_step(block, fp32.prefill(prompt), t)
+    low = bf16.denoise_step(block, bf16.prefill(prompt), t)
+    assert low.dtype == torch.float32  # logits always come back in fp32
+    assert (low - reference).abs().max() < 1.5  # |logits| reach ~53
+    assert (low.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.75
+    out = bf16.generate(prompt, max_new_tokens=16, block_size=8, steps_per_block=8, eos_token_id=None)
+    assert out.shape == (1, 33) and (out != 3).all()
