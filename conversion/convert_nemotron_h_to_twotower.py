@@ -28,15 +28,21 @@ from checkpoint_io import (
     atomic_output_dir,
     check_index_matches_shards,
     check_keys,
-    copy_package_code,
-    copy_tokenizer_files,
     list_shards,
     parse_size,
     read_tensors,
 )
-from convert_nvidia_twotower import AUTO_MAP, DTYPES, cast, model_tensor_shapes
+from convert_nvidia_twotower import (
+    DTYPES,
+    as_package_config,
+    cast,
+    load_config,
+    model_tensor_shapes,
+    resolve_dtype,
+    write_package_files,
+)
 
-from transformers_twotower import TwoTowerConfig, TwoTowerGenerationConfig
+from transformers_twotower import TwoTowerConfig
 
 
 BACKBONE = re.compile(r"^(?:backbone|model)\.(?P<rest>.+)$")
@@ -97,18 +103,11 @@ def convert_nemotron_h_to_twotower(
     overwrite: bool = False,
 ) -> Path:
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    if dtype not in DTYPES:
-        raise CheckpointError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if not (input_dir / "config.json").is_file():
-        raise CheckpointError(f"{input_dir} has no config.json")
-    try:
-        config = TwoTowerConfig.from_pretrained(input_dir, mask_token_id=mask_token_id, block_size=block_size)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{input_dir / 'config.json'}: {error}") from error
-    config.architectures = ["TwoTowerForDiffusionLM"]
-    config.auto_map = dict(AUTO_MAP)
-    if DTYPES[dtype] is not None:
-        config.dtype = DTYPES[dtype]
+    target_dtype = resolve_dtype(dtype)
+    config = load_config(input_dir)
+    config.mask_token_id, config.block_size = mask_token_id, block_size
+    config._check_twotower_fields()
+    config = as_package_config(config, target_dtype)
 
     with atomic_output_dir(output_dir, overwrite) as work:
         shards = list_shards(input_dir)
@@ -120,18 +119,13 @@ def convert_nemotron_h_to_twotower(
             for name, tensor in read_tensors(shard):
                 source_dtype = source_dtype or (tensor.dtype if tensor.is_floating_point() else None)
                 for out_name, out in transform(name, tensor):
-                    writer.add(out_name, cast(out_name, out, DTYPES[dtype]))
+                    writer.add(out_name, cast(out_name, out, target_dtype))
         transform.check_complete()
         for name, tensor in time_conditioning(config).items():
-            writer.add(name, tensor.to(DTYPES[dtype] or source_dtype or torch.float32))
+            writer.add(name, tensor.to(target_dtype or source_dtype or torch.float32))
         check_keys(writer.shapes, model_tensor_shapes(config), str(input_dir))
         writer.finish()
-
-        config.save_pretrained(work)
-        TwoTowerGenerationConfig.from_model_config(config).save_pretrained(work)
-        copy_tokenizer_files(input_dir, work)
-        copy_package_code(work)
-        (work / "README.md").write_text(untrained_card(config, input_dir))
+        write_package_files(work, config, input_dir, untrained_card(config, input_dir))
     return output_dir
 
 

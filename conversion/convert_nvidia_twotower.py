@@ -159,28 +159,42 @@ NVIDIA Open Model License, as the original release.
 """
 
 
+def resolve_dtype(dtype: str) -> torch.dtype | None:
+    if dtype not in DTYPES:
+        raise CheckpointError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def as_package_config(config: TwoTowerConfig, dtype: torch.dtype | None) -> TwoTowerConfig:
+    """The config a converted folder carries: this package's architecture, `auto_map` for remote code."""
+    config.architectures = ["TwoTowerForDiffusionLM"]
+    config.auto_map = dict(AUTO_MAP)
+    if dtype is not None:
+        config.dtype = dtype
+    return config
+
+
+def write_package_files(work: Path, config: TwoTowerConfig, source: Path, card: str):
+    """Everything but the weights: configs, tokenizer files, the package's code, the model card."""
+    config.save_pretrained(work)
+    TwoTowerGenerationConfig.from_model_config(config).save_pretrained(work)
+    copy_tokenizer_files(source, work)
+    copy_package_code(work)
+    (work / "README.md").write_text(card)
+
+
 def convert_release_to_package(
     input_dir, output_dir, dtype: str = "auto", max_shard_size: str | int = "5GB", overwrite: bool = False
 ) -> Path:
     """NVIDIA's release layout -> this package's layout (see the module docstring). Returns the output folder."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    if dtype not in DTYPES:
-        raise CheckpointError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    config = load_config(input_dir)
-    config.architectures = ["TwoTowerForDiffusionLM"]
-    config.auto_map = dict(AUTO_MAP)
-    if DTYPES[dtype] is not None:
-        config.dtype = DTYPES[dtype]
-
+    target_dtype = resolve_dtype(dtype)
+    config = as_package_config(load_config(input_dir), target_dtype)
     with atomic_output_dir(output_dir, overwrite) as work:
         transform = StackExperts(config.n_routed_experts)
         expected = model_tensor_shapes(config)
-        convert_tensors(input_dir, work, transform, expected, DTYPES[dtype], max_shard_size, f"{input_dir}")
-        config.save_pretrained(work)
-        TwoTowerGenerationConfig.from_model_config(config).save_pretrained(work)
-        copy_tokenizer_files(input_dir, work)
-        copy_package_code(work)
-        (work / "README.md").write_text(model_card(config, str(input_dir)))
+        convert_tensors(input_dir, work, transform, expected, target_dtype, max_shard_size, str(input_dir))
+        write_package_files(work, config, input_dir, model_card(config, str(input_dir)))
     return output_dir
 
 
@@ -208,12 +222,11 @@ def convert_package_to_release(
 ) -> Path:
     """This package's layout -> NVIDIA's release layout (one tensor per expert, a `nemotron_h` config)."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    if dtype not in DTYPES:
-        raise CheckpointError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    target_dtype = resolve_dtype(dtype)
     config = load_config(input_dir)
     with atomic_output_dir(output_dir, overwrite) as work:
         expected = release_tensor_shapes(config)
-        convert_tensors(input_dir, work, SplitExperts(), expected, DTYPES[dtype], max_shard_size, f"{input_dir}")
+        convert_tensors(input_dir, work, SplitExperts(), expected, target_dtype, max_shard_size, str(input_dir))
         # Python's json writes the bare `Infinity` the release's config.json has.
         (work / "config.json").write_text(json.dumps(release_config_dict(config), indent=2, sort_keys=True) + "\n")
         copy_tokenizer_files(input_dir, work)

@@ -57,6 +57,17 @@ def tiny_model(seed: int = 0, **overrides) -> TwoTowerForDiffusionLM:
     return model
 
 
+def left_pad(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into `(input_ids, attention_mask)`."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<mask>"]  # ids 0..3, as in the release
 
 

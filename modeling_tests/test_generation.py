@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_model, word_tokenizer
+from conftest import left_pad, tiny_model, word_tokenizer
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from transformers_twotower import TwoTowerCache, TwoTowerGenerationConfig
@@ -20,16 +20,6 @@ def model():
 def prompts(model, lengths, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(4, model.config.vocab_size, (n,), generator=generator).tolist() for n in lengths]
-
-
-def left_pad(rows, pad_id=0):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
-    return ids, mask
 
 
 def generated(sequences, prompt_width):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import left_pad, tiny_model
 from safetensors import safe_open
 
 from transformers_twotower import TwoTowerCache, TwoTowerForDiffusionLM
@@ -12,16 +12,6 @@ def clean_ids(model, batch, length, seed=0):
     generator = torch.Generator().manual_seed(seed)
     # Ids >= 4 avoid the special ids (mask is 3).
     return torch.randint(4, model.config.vocab_size, (batch, length), generator=generator)
-
-
-def left_pad(rows, pad_id=0):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
-    return ids, mask
 
 
 # --- caches -----------------------------------------------------------------------------------------------------------
