@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if not log_path.is_file():
         raise SystemExit(f"error: {folder} has no train_log.json naming its held-out modules")
     held_out = json.loads(log_path.read_text())["held_out"]
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # this package is the code
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = TwoTowerForDiffusionLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
     prompts, truth = held_out_windows(tokenizer, held_out, args.prompts)

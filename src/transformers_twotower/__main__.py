@@ -36,7 +36,7 @@ def load(model_dir: str | Path, device: str, dtype: str):
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # this package is the code
     model = TwoTowerForDiffusionLM.from_pretrained(folder, dtype=torch_dtype).to(device).eval()
     return tokenizer, model
 

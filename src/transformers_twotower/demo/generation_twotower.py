@@ -1,0 +1,485 @@
+"""Generation for TwoTower: mask diffusion, Mock-AR and AR through one `generate`.
+
+Data flows one way: prompt -> `prefill` (cache) -> block loop -> step loop -> committed tokens -> `extend_context`.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation import MaxTimeCriteria, StopStringCriteria
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.streamers import BaseStreamer
+from transformers.modeling_outputs import ModelOutput
+
+from .cache_twotower import check_left_padded
+from .sampling_twotower import commit_mask, predict_tokens
+
+
+GENERATION_MODES = ("mask_diffusion", "mock_ar", "ar")
+
+# GenerationConfig fields this generate does not implement: setting any of them raises instead of being ignored.
+UNSUPPORTED_FIELDS = (
+    "min_length", "min_new_tokens", "early_stopping", "use_mtp", "cache_implementation", "cache_config",
+    "max_cache_len", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
+    "encoder_repetition_penalty", "length_penalty", "no_repeat_ngram_size", "bad_words_ids", "renormalize_logits",
+    "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens", "sequence_bias", "token_healing", "guidance_scale",
+    "watermarking_config", "output_attentions", "output_hidden_states", "output_scores", "output_logits",
+    "encoder_no_repeat_ngram_size", "num_assistant_tokens", "prompt_lookup_num_tokens", "assistant_early_exit",
+    "speculation_type", "penalty_alpha", "dola_layers", "diversity_penalty", "num_beam_groups", "constraints",
+    "force_words_ids", "prefill_chunk_size",
+)  # fmt: skip
+UNSUPPORTED_GENERATE_ARGUMENTS = (
+    "assistant_model", "assistant_tokenizer", "prefix_allowed_tokens_fn", "synced_gpus", "negative_prompt_ids",
+    "negative_prompt_attention_mask", "past_key_values", "inputs_embeds", "custom_generate",
+)  # fmt: skip
+
+
+class TwoTowerGenerationConfig(GenerationConfig):
+    r"""
+    [`GenerationConfig`] for TwoTower, saved in `generation_config.json`. On top of the usual `max_new_tokens`,
+    `do_sample`, `temperature`, `top_k`, `top_p`, `eos_token_id`, `pad_token_id`, `return_dict_in_generate`:
+
+    generation_mode (`str`, defaults to `"mask_diffusion"`):
+        `"mask_diffusion"` (blocks filled in parallel by the denoiser), `"mock_ar"` (the denoiser decoding one token
+        at a time) or `"ar"` (the context tower alone, i.e. the original backbone).
+    block_size (`int`, defaults to 16):
+        Tokens per diffusion block.
+    steps_per_block (`int`, defaults to 16):
+        The most denoiser steps spent on one block; the last one commits whatever is still masked.
+    confidence_threshold (`float`, defaults to 0.8):
+        A masked position is committed when `p(prediction) > confidence_threshold` (at least one per step). Values in
+        `(1, 2)` mean "never confident" (one token per step, or the even share the step budget forces); values below
+        0 or from 2 on are rejected as mistakes.
+    mask_token_id (`int`, defaults to 3):
+        The mask token.
+    output_history (`bool`, defaults to `False`):
+        With `return_dict_in_generate=True`, also return every diffusion step (block before the step, `t`, what was
+        committed).
+    """
+
+    def __init__(self, **kwargs):
+        self.generation_mode = kwargs.pop("generation_mode", "mask_diffusion")
+        self.block_size = kwargs.pop("block_size", 16)
+        self.steps_per_block = kwargs.pop("steps_per_block", 16)
+        self.confidence_threshold = kwargs.pop("confidence_threshold", 0.8)
+        self.mask_token_id = kwargs.pop("mask_token_id", 3)
+        self.output_history = kwargs.pop("output_history", False)
+        # Explicit, so that callers filling in "unset" knobs (the text-generation pipeline samples by default) don't.
+        kwargs.setdefault("max_new_tokens", 128)
+        kwargs.setdefault("do_sample", False)
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_model_config(cls, model_config) -> "TwoTowerGenerationConfig":
+        """The defaults of a model: its special ids and block size."""
+        fields = ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id", "block_size")
+        values = {
+            name: getattr(model_config, name) for name in fields if getattr(model_config, name, None) is not None
+        }
+        return cls(**values, _from_model_config=True)
+
+    def validate(self, strict: bool = False, user_set_attributes: set[str] | None = None):
+        super().validate(strict=strict, user_set_attributes=user_set_attributes)
+        if self.generation_mode not in GENERATION_MODES:
+            raise ValueError(f"`generation_mode` must be one of {GENERATION_MODES}, got {self.generation_mode!r}.")
+        for name in ("block_size", "steps_per_block", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        threshold = self.confidence_threshold
+        if not isinstance(threshold, (int, float)) or math.isnan(threshold) or not 0.0 <= threshold < 2.0:
+            raise ValueError(
+                f"`confidence_threshold` must be a probability in [0, 1] (values in (1, 2) mean 'one token per "
+                f"step'), got {threshold!r}."
+            )
+        if not isinstance(self.mask_token_id, int) or self.mask_token_id < 0:
+            raise ValueError(f"`mask_token_id` must be a non-negative integer, got {self.mask_token_id!r}.")
+        if self.do_sample and self.temperature is not None and self.temperature <= 0:
+            raise ValueError(f"`temperature` must be > 0 when `do_sample=True`, got {self.temperature}.")
+
+
+@dataclass
+class TwoTowerGenerationOutput(ModelOutput):
+    """
+    sequences: `(B, prompt + generated)` token ids; after a row's EOS, `pad_token_id`.
+    nfe: `(B,)` model forwards that predicted tokens for each row (denoiser forwards in the diffusion and Mock-AR
+        modes, context-tower forwards in AR mode).
+    tokens_per_forward: `(B,)` generated tokens (up to and including EOS) per forward.
+    history: with `output_history=True` in diffusion mode, one dict per denoiser step: `block`, `step`, `tokens`
+        (the block before the step, `(B, S)`), `t` `(B,)` and `committed` (`(B, S)` bool).
+    """
+
+    sequences: torch.LongTensor | None = None
+    nfe: torch.LongTensor | None = None
+    tokens_per_forward: torch.FloatTensor | None = None
+    history: tuple[dict, ...] | None = None
+
+
+class TwoTowerGenerationMixin(GenerationMixin):
+    """`generate` for TwoTower's three modes (ARCHITECTURE.md §5), plus the release's `generate_*` functions."""
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Entry points
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.LongTensor | None = None,
+        generation_config: TwoTowerGenerationConfig | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        streamer: BaseStreamer | None = None,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        tokenizer=None,
+        **kwargs,
+    ) -> torch.LongTensor | TwoTowerGenerationOutput:
+        r"""Generate after left-padded prompts `(B, T)` in one of three modes (`generation_mode`).
+
+        Mask diffusion (default), for each block of `block_size` tokens::
+
+            x = [mask] * S                                   # per row
+            for step in range(steps_per_block):
+                if nothing in x is masked: break
+                logits = denoiser(x, t = masked fraction of the row, context cache)
+                pred, conf = argmax (or Gumbel-max sample) of p(x0 | x_t), p(pred)   # mask id excluded
+                commit, per row, the k most confident masked positions:
+                    k = all masked                          on the last step
+                    k = max(#(conf > threshold) or 1, ceil(n / steps_left)) otherwise
+            append x; the context tower reads x once        # never recomputes the prefix
+            a row is done at its first EOS (later tokens become `pad_token_id`)
+
+        Mock-AR decodes one token per denoiser forward (no time conditioning, the context one token behind); AR is
+        the context tower alone with its cache.
+
+        Returns the token ids `(B, T + generated)`, or a [`TwoTowerGenerationOutput`] with
+        `return_dict_in_generate=True`. `generator` seeds sampling. `max_new_tokens` need not be a multiple of
+        `block_size`: the last block is generated whole, then trimmed.
+        """
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        config, input_ids, attention_mask = self._prepare_generation(inputs, attention_mask, generation_config, kwargs)
+        stopping_criteria = self._prepare_stopping_criteria(config, stopping_criteria, tokenizer)
+        if streamer is not None and input_ids.shape[0] != 1:
+            raise ValueError(f"`streamer` supports batch size 1 only, got a batch of {input_ids.shape[0]}.")
+        if config.generation_mode == "mask_diffusion":
+            if logits_processor:
+                raise ValueError(
+                    "`logits_processor` is not supported in `mask_diffusion` mode: the positions of a block are "
+                    "predicted jointly, not as one next-token distribution. Use `temperature`/`top_k`/`top_p`."
+                )
+            result = self._generate_mask_diffusion(
+                input_ids, attention_mask, config, stopping_criteria, streamer, generator
+            )
+        else:
+            result = self._generate_autoregressive(
+                input_ids, attention_mask, config, logits_processor, stopping_criteria, streamer, generator
+            )
+        if streamer is not None:
+            streamer.end()
+        return result if config.return_dict_in_generate else result.sequences
+
+    def generate_mask_diffusion(
+        self,
+        input_ids: torch.LongTensor,
+        max_new_tokens: int = 128,
+        block_size: int = 16,
+        steps_per_block: int = 16,
+        mask_token_id: int = 3,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        confidence_threshold: float = 0.9,
+        eos_token_id: int | None = None,
+        step_callback: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.LongTensor:
+        """The release's function: prompt + generated ids. EOS ends generation after the block holding it, which is
+        kept whole. `step_callback(block_before_step, logits)` is called at every denoiser step."""
+        config = self._release_config(
+            "mask_diffusion", max_new_tokens, temperature, top_k, None, eos_token_id,
+            block_size=block_size, steps_per_block=steps_per_block, mask_token_id=mask_token_id,
+            confidence_threshold=confidence_threshold,
+        )  # fmt: skip
+        config, input_ids, attention_mask = self._prepare_generation(input_ids, attention_mask, config, {})
+        return self._generate_mask_diffusion(
+            input_ids, attention_mask, config, StoppingCriteriaList(), None, None, step_callback, keep_eos_block=True
+        ).sequences
+
+    def generate_mock_ar(
+        self,
+        input_ids: torch.LongTensor,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.LongTensor:
+        """The release's function: the denoiser as an autoregressive model; stops right after EOS."""
+        config = self._release_config("mock_ar", max_new_tokens, temperature, top_k, top_p, eos_token_id)
+        return self.generate(input_ids, generation_config=config, attention_mask=attention_mask)
+
+    def generate_ar(
+        self,
+        input_ids: torch.LongTensor,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.LongTensor:
+        """The release's function: the context tower alone (the AR baseline); stops right after EOS."""
+        config = self._release_config("ar", max_new_tokens, temperature, top_k, top_p, eos_token_id)
+        return self.generate(input_ids, generation_config=config, attention_mask=attention_mask)
+
+    def adjust_generation_fn(
+        self, generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path, **kwargs
+    ):
+        """At `from_pretrained`: read `generation_config.json` as a `TwoTowerGenerationConfig`; without one, keep the
+        defaults built from the model config (the release ships none)."""
+        if generation_config is not None:
+            self.generation_config = TwoTowerGenerationConfig.from_dict(generation_config.to_dict())
+            return
+        hub_kwargs = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+        try:
+            self.generation_config = TwoTowerGenerationConfig.from_pretrained(
+                pretrained_model_name_or_path, **{k: kwargs[k] for k in hub_kwargs if k in kwargs}
+            )
+        except OSError:
+            pass
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Preparation: everything is checked before anything runs
+
+    def _release_config(self, mode, max_new_tokens, temperature, top_k, top_p, eos_token_id, **extra):
+        sampling = temperature is not None and temperature > 0
+        return TwoTowerGenerationConfig(
+            generation_mode=mode,
+            max_new_tokens=max_new_tokens,
+            do_sample=sampling,
+            temperature=temperature if sampling else None,
+            top_k=top_k if sampling else None,
+            top_p=top_p if sampling else None,
+            eos_token_id=eos_token_id,
+            pad_token_id=self.generation_config.pad_token_id,
+            **extra,
+        )
+
+    def _prepare_generation(self, input_ids, attention_mask, generation_config, kwargs):
+        for name in UNSUPPORTED_GENERATE_ARGUMENTS:
+            if kwargs.get(name) is not None:
+                raise ValueError(f"`{name}` is not supported by TwoTower's `generate`.")
+        kwargs = {k: v for k, v in kwargs.items() if k not in UNSUPPORTED_GENERATE_ARGUMENTS}
+        config = TwoTowerGenerationConfig.from_dict((generation_config or self.generation_config).to_dict())
+        if "max_length" in kwargs and "max_new_tokens" not in kwargs:
+            kwargs["max_new_tokens"] = kwargs.pop("max_length") - (input_ids.shape[-1] if input_ids is not None else 0)
+        unused = config.update(**kwargs)
+        if unused:
+            raise ValueError(f"Unknown arguments to `generate`: {sorted(unused)}.")
+
+        if (config.num_beams or 1) > 1:
+            raise ValueError(
+                f"`num_beams` must be 1: TwoTower does not implement beam search (got {config.num_beams})."
+            )
+        if (config.num_return_sequences or 1) > 1:
+            raise ValueError(
+                f"`num_return_sequences` must be 1 (got {config.num_return_sequences}); repeat the prompt instead."
+            )
+        for name in UNSUPPORTED_FIELDS:
+            if getattr(config, name, None) not in (None, False):
+                raise ValueError(
+                    f"`{name}` is not supported by TwoTower's `generate` (got {getattr(config, name)!r})."
+                )
+        if config.output_history and config.generation_mode != "mask_diffusion":
+            raise ValueError("`output_history` is only available in `mask_diffusion` mode.")
+
+        if input_ids is None:
+            raise ValueError("`input_ids` is required: TwoTower generates after a prompt.")
+        attention_mask = check_left_padded(input_ids, attention_mask)
+        if ((input_ids == config.mask_token_id) & attention_mask.bool()).any():
+            raise ValueError(
+                f"`input_ids` contains the mask token id {config.mask_token_id}; a prompt must be clean text."
+            )
+        if config.pad_token_id is None:
+            eos = self._eos_ids(config)
+            config.pad_token_id = eos[0] if eos else self.config.pad_token_id
+        return config, input_ids, attention_mask
+
+    @staticmethod
+    def _eos_ids(config) -> list[int]:
+        eos = config.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    @staticmethod
+    def _prepare_stopping_criteria(config, stopping_criteria, tokenizer) -> StoppingCriteriaList:
+        criteria = StoppingCriteriaList(stopping_criteria or [])
+        if config.max_time is not None:
+            criteria.append(MaxTimeCriteria(config.max_time))
+        if config.stop_strings is not None:
+            if tokenizer is None:
+                raise ValueError("`stop_strings` needs the `tokenizer` argument of `generate`.")
+            criteria.append(StopStringCriteria(tokenizer, config.stop_strings))
+        return criteria
+
+    @staticmethod
+    def _warpers(config) -> LogitsProcessorList | None:
+        """Temperature / top-k / top-p as transformers' own warpers; None means greedy."""
+        if not config.do_sample:
+            return None
+        warpers = LogitsProcessorList()
+        if config.temperature is not None and config.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k is not None and config.top_k > 0:
+            warpers.append(TopKLogitsWarper(config.top_k))
+        if config.top_p is not None and config.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(config.top_p))
+        return warpers
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Mask diffusion
+
+    def _generate_mask_diffusion(
+        self,
+        input_ids,
+        attention_mask,
+        config,
+        stopping_criteria,
+        streamer,
+        generator,
+        step_callback=None,
+        keep_eos_block=False,
+    ) -> TwoTowerGenerationOutput:
+        batch_size = input_ids.shape[0]
+        block_size, steps, mask_id = config.block_size, config.steps_per_block, config.mask_token_id
+        warpers = self._warpers(config)
+        eos = torch.tensor(self._eos_ids(config), dtype=torch.long, device=input_ids.device)
+
+        tracker = _RowTracker(input_ids, config.max_new_tokens, config.pad_token_id, eos, keep_eos_block, streamer)
+        history = [] if config.output_history else None
+        cache = self.prefill(input_ids, attention_mask)
+        for block_idx in range(math.ceil(config.max_new_tokens / block_size)):
+            block = torch.full((batch_size, block_size), mask_id, dtype=torch.long, device=input_ids.device)
+            block[tracker.finished] = config.pad_token_id  # finished rows need no forward
+
+            for step in range(steps):
+                masked = block == mask_id
+                active = masked.any(-1)
+                if not active.any():
+                    break
+                t = masked.float().mean(-1)  # each row's fraction still masked
+                logits = self.denoise_step(block, cache, t)
+                if step_callback is not None:
+                    step_callback(block.clone(), logits)
+                pred, confidence = predict_tokens(logits, mask_id, warpers, generator)
+                commit = commit_mask(confidence, masked, step, steps, config.confidence_threshold)
+                if history is not None:
+                    history.append(dict(block=block_idx, step=step, tokens=block.clone(), t=t, committed=commit))
+                block = torch.where(commit, pred, block)
+                tracker.nfe += active
+
+            tracker.append(block)
+            tracker.stop_where(stopping_criteria(tracker.sequences, None))
+            if tracker.done:
+                break
+            self.extend_context(cache, block, keep_previous=False)  # the context tower reads the block once
+        return tracker.output(history)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Mock-AR and AR
+
+    def _generate_autoregressive(
+        self, input_ids, attention_mask, config, logits_processor, stopping_criteria, streamer, generator
+    ) -> TwoTowerGenerationOutput:
+        mock_ar = config.generation_mode == "mock_ar"
+        processors = LogitsProcessorList(logits_processor or [])
+        warpers = self._warpers(config)
+        if warpers is not None:
+            processors.extend(warpers)
+        eos = torch.tensor(self._eos_ids(config), dtype=torch.long, device=input_ids.device)
+
+        tracker = _RowTracker(input_ids, config.max_new_tokens, config.pad_token_id, eos, False, streamer)
+        cache = self.prefill(input_ids, attention_mask)
+        last = input_ids[:, -1:]
+        while True:
+            if mock_ar:  # the denoiser re-reads the last token from the context one token behind
+                logits = self.denoise_step(last, cache, None, behind=True)[:, -1]
+            else:
+                logits = cache.next_token_logits
+            scores = processors(tracker.sequences, logits) if processors else logits
+            if warpers is None:
+                token = scores.argmax(-1)
+            else:
+                token = torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
+            tracker.nfe += ~tracker.finished
+            tracker.append(token[:, None])
+            tracker.stop_where(stopping_criteria(tracker.sequences, scores))
+            if tracker.done:
+                break
+            last = tracker.sequences[:, -1:]
+            self.extend_context(cache, last, keep_previous=mock_ar)
+        return tracker.output()
+
+
+class _RowTracker:
+    """Per-row bookkeeping shared by the modes: committed tokens, EOS, padding of finished rows, NFE, streaming."""
+
+    def __init__(self, input_ids, max_new_tokens, pad_token_id, eos, keep_eos_block, streamer):
+        self.sequences = input_ids
+        self.prompt_length = input_ids.shape[1]
+        self.max_new_tokens = max_new_tokens
+        self.pad_token_id = pad_token_id
+        self.eos = eos
+        self.keep_eos_block = keep_eos_block
+        self.streamer = streamer
+        self.finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        self.nfe = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        self.num_generated = torch.zeros_like(self.nfe)  # real tokens per row, EOS included
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+
+    @property
+    def done(self) -> bool:
+        return bool(self.finished.all()) or self.sequences.shape[1] - self.prompt_length >= self.max_new_tokens
+
+    def append(self, tokens: torch.LongTensor):
+        """Commit `(B, n)` tokens: trim past `max_new_tokens`, pad finished rows, end rows at their first EOS."""
+        room = self.max_new_tokens - (self.sequences.shape[1] - self.prompt_length)
+        tokens = tokens[:, :room].clone()
+        real = ~self.finished[:, None].expand_as(tokens)
+        if self.eos.numel():
+            is_eos = torch.isin(tokens, self.eos) & real
+            after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+            if not self.keep_eos_block:
+                real &= ~after_eos
+            self.finished |= is_eos.any(-1)
+        tokens[~real] = self.pad_token_id
+        self.num_generated += real.sum(-1)
+        self.sequences = torch.cat([self.sequences, tokens], dim=-1)
+        if self.streamer is not None:
+            self.streamer.put(tokens[0][real[0]].cpu())
+
+    def stop_where(self, rows: torch.Tensor | bool):
+        if isinstance(rows, torch.Tensor) and rows.numel():
+            self.finished |= rows.to(self.finished.device)
+
+    def output(self, history=None) -> TwoTowerGenerationOutput:
+        # Trailing columns that hold only padding of finished rows are dropped, as transformers' generate stops
+        # where the last row stops (a lone row ends on its EOS).
+        generated = self.sequences[:, self.prompt_length :]
+        keep = int(self.num_generated.max()) if self.finished.all() else generated.shape[1]
+        sequences = self.sequences[:, : self.prompt_length + keep]
+        tokens_per_forward = self.num_generated.float() / self.nfe.clamp_min(1).float()
+        return TwoTowerGenerationOutput(
+            sequences=sequences,
+            nfe=self.nfe,
+            tokens_per_forward=tokens_per_forward,
+            history=tuple(history) if history is not None else None,
+        )
+
+
+__all__ = ["TwoTowerGenerationConfig", "TwoTowerGenerationMixin", "TwoTowerGenerationOutput"]
