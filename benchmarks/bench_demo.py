@@ -2,6 +2,7 @@
 
     python -m transformers_twotower bench [--model DIR] [--prompts 32] [--repeats 3] [--batch-sizes 1 8]
         [--thresholds 0.5 0.7 0.8 0.9 0.95] [--output benchmarks/results/demo_cpu.json] [--device cpu]
+    python -m transformers_twotower bench --step-costs                  # one step of each kind, on the model
     python -m transformers_twotower bench --device cuda --synthetic     # GPU: step costs at the real model's size
 
 Prompts: `--prompts` windows of 128 tokens from the held-out stdlib modules listed in the demo's `train_log.json`
@@ -192,33 +193,9 @@ def plot(rows: list[dict], path: Path):
     print(f"wrote {path}")
 
 
-def synthetic_step_costs(device: str, scale: str) -> dict:
-    """Step costs at the real model's shape (random weights), after a 512-token prompt: one denoiser step over a
-    16-token block and one context extension by a block, relative to one AR decode step (a one-token extension with
-    its next-token logits)."""
-    from transformers_twotower import TwoTowerConfig, TwoTowerForDiffusionLM
-
-    if scale == "real":  # the release's 52-layer pattern and widths; 8 experts instead of 128 to fit one GPU
-        config = TwoTowerConfig(
-            vocab_size=131072, hidden_size=2688, num_attention_heads=32, num_key_value_heads=2, head_dim=128,
-            hybrid_override_pattern="MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME", mamba_num_heads=64,
-            mamba_head_dim=64, n_groups=8, ssm_state_size=128, chunk_size=128, n_routed_experts=8,
-            num_experts_per_tok=6, moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712,
-            routed_scaling_factor=2.5,
-        )  # fmt: skip
-        dtype = torch.bfloat16
-    else:  # a small stand-in that exercises the same code on a CPU
-        config = TwoTowerConfig(
-            vocab_size=512, hidden_size=64, hybrid_override_pattern="MEM*EMEM*E", num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, mamba_num_heads=4, mamba_head_dim=16, n_groups=2, ssm_state_size=16,
-            chunk_size=8, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-            moe_shared_expert_intermediate_size=64,
-        )  # fmt: skip
-        dtype = torch.float32
-    with torch.device(device):
-        model = TwoTowerForDiffusionLM(config).to(dtype).eval()
-    prompt = torch.randint(4, config.vocab_size, (1, 512), device=device)
-    block = torch.full((1, 16), config.mask_token_id, device=device)
+def step_costs(model, device: str, prompt_length: int = 512) -> dict:
+    """After a `prompt_length`-token prompt: one denoiser step over a 16-token block and one context extension by a
+    block, against one AR decode step (a one-token extension with its next-token logits); medians, in ms."""
 
     def timed(fn, repeats=20):
         fn()  # warm-up
@@ -233,24 +210,53 @@ def synthetic_step_costs(device: str, scale: str) -> dict:
             values.append(time.perf_counter() - began)
         return statistics.median(values)
 
+    config = model.config
+    prompt = torch.randint(4, config.vocab_size, (1, prompt_length), device=device)
+    block = torch.full((1, 16), config.mask_token_id, device=device)
     with torch.no_grad():
         cache = model.prefill(prompt)
         denoise = timed(lambda: model.denoise_step(block, cache, torch.ones(1, device=device)))
-        # The context grows while these are timed (by 21 and by 21 x 16 tokens): small next to 512 at these costs.
-        token = prompt[:, :1]
-        ar = timed(lambda: model.extend_context(cache, token, keep_previous=False))
+        # The context grows while these are timed (by 21 tokens, and by 21 blocks): small next to the prompt.
+        ar = timed(lambda: model.extend_context(cache, prompt[:, :1], keep_previous=False))
         extend = timed(lambda: model.extend_context(cache, prompt[:, :16], keep_previous=False))
     return {
-        "scale": scale,
         "device": device,
-        "dtype": str(dtype),
+        "dtype": str(model.dtype),
+        "threads": torch.get_num_threads(),
         "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
         "denoise_step_ms": round(denoise * 1e3, 3),
         "ar_step_ms": round(ar * 1e3, 3),
         "extend_block_ms": round(extend * 1e3, 3),
-        "denoise_step_over_ar_step": round(denoise / ar, 3) if ar > 0 else None,
-        "extend_block_over_ar_step": round(extend / ar, 3) if ar > 0 else None,
+        "denoise_step_over_ar_step": round(denoise / ar, 3),
+        "extend_block_over_ar_step": round(extend / ar, 3),
     }
+
+
+def synthetic_model(device: str, scale: str):
+    """Random weights at the real model's shape (`real`: the release's 52-layer pattern and widths, 8 experts instead
+    of 128 to fit one GPU, bf16) or a small stand-in that runs the same code on a CPU."""
+    from transformers_twotower import TwoTowerConfig, TwoTowerForDiffusionLM
+
+    if scale == "real":
+        config = TwoTowerConfig(
+            vocab_size=131072, hidden_size=2688, num_attention_heads=32, num_key_value_heads=2, head_dim=128,
+            hybrid_override_pattern="MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME", mamba_num_heads=64,
+            mamba_head_dim=64, n_groups=8, ssm_state_size=128, chunk_size=128, n_routed_experts=8,
+            num_experts_per_tok=6, moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712,
+            routed_scaling_factor=2.5,
+        )  # fmt: skip
+        dtype = torch.bfloat16
+    else:
+        config = TwoTowerConfig(
+            vocab_size=512, hidden_size=64, hybrid_override_pattern="MEM*EMEM*E", num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, mamba_num_heads=4, mamba_head_dim=16, n_groups=2, ssm_state_size=16,
+            chunk_size=8, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+            moe_shared_expert_intermediate_size=64,
+        )  # fmt: skip
+        dtype = torch.float32
+    with torch.device(device):
+        return TwoTowerForDiffusionLM(config).to(dtype).eval()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/demo_cpu.json"))
-    parser.add_argument("--synthetic", action="store_true", help="GPU step costs at the real model's size")
+    parser.add_argument("--step-costs", action="store_true", help="time one denoiser step, AR step, extension")
+    parser.add_argument("--synthetic", action="store_true", help="step costs at the real model's size, random weights")
     parser.add_argument("--synthetic-scale", choices=["real", "small"], default="real")
     args = parser.parse_args(argv)
 
@@ -275,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             print("skipped: --device cuda but CUDA is not available")
             return 0
-        result = synthetic_step_costs(args.device, args.synthetic_scale)
-        print(json.dumps(result, indent=2))
+        result = step_costs(synthetic_model(args.device, args.synthetic_scale), args.device)
+        print(json.dumps({"model": f"synthetic ({args.synthetic_scale})", **result}, indent=2))
         return 0
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available")
@@ -293,8 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # this package is the code
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = TwoTowerForDiffusionLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
-    prompts, truth = held_out_windows(tokenizer, held_out, args.prompts)
     torch.set_grad_enabled(False)
+    if args.step_costs:
+        print(json.dumps({"model": str(folder), **step_costs(model, args.device)}, indent=2))
+        return 0
+    prompts, truth = held_out_windows(tokenizer, held_out, args.prompts)
 
     rows = benchmark(model, prompts, truth, args.batch_sizes, args.thresholds, args.repeats, args.device)
     print_table(rows)
