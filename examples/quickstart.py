@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from transformers_twotower import TwoTowerForDiffusionLM
+from transformers_twotower.sampling_twotower import commit_mask, predict_tokens
 
 
 checkpoint = (
@@ -32,13 +33,10 @@ with torch.no_grad():
         if not masked.any():
             break
         t = masked.float().mean(-1)  # the fraction still masked
-        logits = model.denoise_step(block, cache, t)
-        logits[..., config.mask_token_id] = float("-inf")
-        confidence, prediction = logits.softmax(-1).max(-1)
-        confidence = confidence.masked_fill(~masked, -1.0)
-        # Commit every masked position above the threshold, at least one.
-        commit = (confidence > threshold) | (confidence == confidence.max())
-        block = torch.where(commit & masked, prediction, block)
+        logits = model.denoise_step(block, cache, t)  # (1, block_size, vocab)
+        prediction, confidence = predict_tokens(logits, config.mask_token_id)
+        commit = commit_mask(confidence, masked, step, block_size, threshold)
+        block = torch.where(commit, prediction, block)
         print(f"step {step}: t={t.item():.2f} block={block[0].tolist()}")
 
     model.extend_context(cache, block)  # the context tower reads the committed block once
