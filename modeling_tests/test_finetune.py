@@ -192,3 +192,23 @@ def test_two_processes_train_like_one(tmp_path):
     assert max((single[k] - initial[k]).abs().max() for k in single) > 1e-2, "training must move the weights"
     for name in single:
         torch.testing.assert_close(distributed[name], single[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_finetune_script_under_torchrun(saved_model, tmp_path):
+    """The example itself on 2 CPU processes (DDP over gloo), as `torchrun` / `accelerate launch` run it."""
+    model, folder = saved_model
+    generator = torch.Generator().manual_seed(0)
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n".join(words(torch.randint(4, 64, (10,), generator=generator).tolist()) for _ in range(16)))
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29532",
+         str(ROOT / "examples/finetune_denoiser.py"), "--model", str(folder), "--data", str(data), "--output", str(out),
+         "--seq-len", "16", "--max-steps", "3", "--batch-size", "2", "--cpu"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    tuned = TwoTowerForDiffusionLM.from_pretrained(out)
+    assert not torch.equal(tuned.lm_head.weight, model.lm_head.weight)
+    assert torch.equal(tuned.context_lm_head.weight, model.context_lm_head.weight)
