@@ -229,6 +229,7 @@ def test_stopping_criteria_and_logits_processor_work(model):
         (dict(assistant_model=object()), "assistant_model"),
         (dict(repetition_penalty=1.2), "repetition_penalty"),
         (dict(output_scores=True), "output_scores"),
+        (dict(use_cache=False), "use_cache"),
         (dict(not_an_argument=1), "not_an_argument"),
         (dict(block_size=0), "block_size"),
         (dict(steps_per_block=0), "steps_per_block"),

@@ -295,6 +295,8 @@ class TwoTowerGenerationMixin(GenerationMixin):
                 raise ValueError(
                     f"`{name}` is not supported by TwoTower's `generate` (got {getattr(config, name)!r})."
                 )
+        if config.use_cache is False:
+            raise ValueError("`use_cache=False` is not supported: TwoTower always generates from its context cache.")
         if config.output_history and config.generation_mode != "mask_diffusion":
             raise ValueError("`output_history` is only available in `mask_diffusion` mode.")
 
