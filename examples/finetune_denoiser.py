@@ -102,6 +102,9 @@ def main(argv=None):
     trainer.save_model(args.output)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(args.output)
+    if torch.distributed.is_initialized():  # leave together: gloo aborts a process that exits with peers still up
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return trainer
 
 

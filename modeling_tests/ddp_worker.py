@@ -44,6 +44,9 @@ def main(out_file: str, global_batch: int):
     if trainer.is_world_process_zero():
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         torch.save(state, out_file)
+    if torch.distributed.is_initialized():  # leave together: gloo aborts a process that exits with peers still up
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
