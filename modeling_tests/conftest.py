@@ -68,6 +68,31 @@ def left_pad(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
+def nemotron_h_config(config):
+    """transformers' `NemotronHConfig` with the Nemotron-H fields of a TwoTower config."""
+    from transformers import NemotronHConfig
+
+    return NemotronHConfig(**{k: v for k, v in config.to_dict().items() if k in NemotronHConfig.__dataclass_fields__})
+
+
+def align_dt_clamp(nemotron_h, time_step_limit):
+    """transformers' Nemotron-H clamps the Mamba dt at `time_step_min`; give it the release's `time_step_limit`."""
+    for layer in nemotron_h.model.layers:
+        if layer.block_type == "linear_attention":
+            layer.mixer.time_step_limit = tuple(time_step_limit)
+    return nemotron_h
+
+
+def nemotron_h_from_context_tower(model):
+    """transformers' own `NemotronHForCausalLM` holding a TwoTower's context tower and head (dt clamp aligned)."""
+    from transformers import NemotronHForCausalLM
+
+    reference = NemotronHForCausalLM(nemotron_h_config(model.config)).eval()
+    state = {f"model.{k}": v for k, v in model.context_tower.state_dict().items()}
+    reference.load_state_dict({**state, "lm_head.weight": model.context_lm_head.weight})
+    return align_dt_clamp(reference, model.config.time_step_limit)
+
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<mask>"]  # ids 0..3, as in the release
 
 

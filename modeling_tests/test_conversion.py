@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RELEASE_FIXTURE, tiny_config, word_tokenizer
+from conftest import RELEASE_FIXTURE, align_dt_clamp, nemotron_h_config, tiny_config, word_tokenizer
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -160,12 +160,10 @@ def test_loads_anywhere_with_trust_remote_code(converted, tmp_path):
 
 @pytest.fixture(scope="module")
 def nemotron_h(tmp_path_factory):
-    from transformers import NemotronHConfig, NemotronHForCausalLM
+    from transformers import NemotronHForCausalLM
 
-    fields = NemotronHConfig.__dataclass_fields__
-    config = NemotronHConfig(**{k: v for k, v in tiny_config().to_dict().items() if k in fields})
     torch.manual_seed(0)
-    model = NemotronHForCausalLM(config).eval()
+    model = NemotronHForCausalLM(nemotron_h_config(tiny_config())).eval()
     folder = tmp_path_factory.mktemp("nemotron_h") / "backbone"
     model.save_pretrained(folder)
     return model, folder
@@ -176,9 +174,7 @@ def test_nemotron_h_to_twotower(nemotron_h, tmp_path):
     out = convert_nemotron_h_to_twotower(folder, tmp_path / "twotower", mask_token_id=3, block_size=4)
     model = TwoTowerForDiffusionLM.from_pretrained(out).eval()
     assert (model.config.mask_token_id, model.config.block_size) == (3, 4)
-    for layer in backbone.model.layers:  # transformers' dt clamp aligned with the release's (none)
-        if layer.block_type == "linear_attention":
-            layer.mixer.time_step_limit = tuple(model.config.time_step_limit)
+    align_dt_clamp(backbone, model.config.time_step_limit)
     ids = torch.randint(4, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, backbone(ids).logits.float()), "the context tower is the backbone"

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import left_pad, tiny_model, word_tokenizer
+from conftest import left_pad, nemotron_h_from_context_tower, tiny_model, word_tokenizer
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from transformers_twotower import TwoTowerCache, TwoTowerGenerationConfig
@@ -112,19 +112,9 @@ def test_one_token_prompt(model, mode):
 
 
 def test_ar_mode_equals_transformers_nemotron_h_generate(model):
-    from transformers import NemotronHConfig, NemotronHForCausalLM
-
-    fields = NemotronHConfig.__dataclass_fields__
-    reference = NemotronHForCausalLM(
-        NemotronHConfig(**{k: v for k, v in model.config.to_dict().items() if k in fields})
-    )
-    state = {f"model.{k}": v for k, v in model.context_tower.state_dict().items()}
-    reference.load_state_dict({**state, "lm_head.weight": model.context_lm_head.weight})
-    for layer in reference.model.layers:
-        if layer.block_type == "linear_attention":
-            layer.mixer.time_step_limit = tuple(model.config.time_step_limit)  # the release's clamp (none)
+    reference = nemotron_h_from_context_tower(model)  # the release's dt clamp (none)
     ids = torch.tensor(prompts(model, [7]))
-    expected = reference.eval().generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = reference.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(model.generate(ids, generation_mode="ar", max_new_tokens=10, eos_token_id=None), expected)
 
 
