@@ -91,7 +91,7 @@ class MockTwoTower(TwoTowerGenerationMixin):
         self.generator = torch.Generator().manual_seed(seed)
         self.calls = []
 
-    def prefill(self, input_ids, attention_mask=None):
+    def prefill(self, input_ids, attention_mask=None, keep_previous=True):
         self.calls.append(("prefill", input_ids.shape[1]))
         return {"batch": input_ids.shape[0]}
 

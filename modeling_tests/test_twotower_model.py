@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import left_pad, tiny_model
+from conftest import left_pad, nemotron_h_from_context_tower, tiny_model
 from safetensors import safe_open
 
 from transformers_twotower import TwoTowerCache, TwoTowerForDiffusionLM
@@ -35,6 +35,14 @@ def test_extend_context_equals_prefill_of_longer_sequence(model, block):
     assert extended.num_context_tokens == ids.shape[1]
 
 
+def test_one_pass_prefill_equals_the_two_pass_one(model):
+    """`keep_previous=False` (diffusion and AR modes) reads the prompt in one pass: same cache, no states behind."""
+    ids, mask = left_pad([clean_ids(model, 1, n, seed=n)[0].tolist() for n in (4, 9)])
+    one_pass = model.prefill(ids, mask, keep_previous=False)
+    assert one_pass.previous_mamba_states is None and one_pass.num_context_tokens == 9
+    assert_same_context(one_pass, model.prefill(ids, mask))
+
+
 def test_forward_last_logits_equal_prefill(model):
     ids = clean_ids(model, 2, 9)
     torch.testing.assert_close(model(ids).logits[:, -1], model.prefill(ids).next_token_logits, rtol=1e-4, atol=1e-5)
@@ -42,18 +50,7 @@ def test_forward_last_logits_equal_prefill(model):
 
 def test_context_tower_matches_transformers_nemotron_h(model):
     """The context tower is transformers' Nemotron-H once its dt clamp follows `time_step_limit`."""
-    from transformers import NemotronHConfig, NemotronHForCausalLM
-
-    config = NemotronHConfig(
-        **{k: v for k, v in model.config.to_dict().items() if k in NemotronHConfig.__dataclass_fields__}
-    )
-    reference = NemotronHForCausalLM(config).eval()
-    state = {f"model.{k}": v for k, v in model.context_tower.state_dict().items()}
-    state["lm_head.weight"] = model.context_lm_head.weight
-    reference.load_state_dict(state)
-    for layer in reference.model.layers:
-        if layer.block_type == "linear_attention":
-            layer.mixer.time_step_limit = tuple(model.config.time_step_limit)
+    reference = nemotron_h_from_context_tower(model)
     ids = clean_ids(model, 2, 11)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)

@@ -363,7 +363,7 @@ class TwoTowerGenerationMixin(GenerationMixin):
 
         tracker = _RowTracker(input_ids, config.max_new_tokens, config.pad_token_id, eos, keep_eos_block, streamer)
         history = [] if config.output_history else None
-        cache = self.prefill(input_ids, attention_mask)
+        cache = self.prefill(input_ids, attention_mask, keep_previous=False)  # only Mock-AR reads one token behind
         for block_idx in range(math.ceil(config.max_new_tokens / block_size)):
             block = torch.full((batch_size, block_size), mask_id, dtype=torch.long, device=input_ids.device)
             block[tracker.finished] = config.pad_token_id  # finished rows need no forward
@@ -405,7 +405,7 @@ class TwoTowerGenerationMixin(GenerationMixin):
         eos = torch.tensor(self._eos_ids(config), dtype=torch.long, device=input_ids.device)
 
         tracker = _RowTracker(input_ids, config.max_new_tokens, config.pad_token_id, eos, False, streamer)
-        cache = self.prefill(input_ids, attention_mask)
+        cache = self.prefill(input_ids, attention_mask, keep_previous=mock_ar)
         last = input_ids[:, -1:]
         while True:
             if mock_ar:  # the denoiser re-reads the last token from the context one token behind

@@ -464,22 +464,29 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
             if kind == "linear_attention"
         }
 
-    def prefill(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> TwoTowerCache:
+    def prefill(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, keep_previous: bool = True
+    ) -> TwoTowerCache:
         """Run the context tower over left-padded prompts `(B, T)` and return their cache.
 
-        Like the release, the prompt is read in two passes (all but the last token, then the last token) so that the
-        cache also holds the Mamba states one token behind, which Mock-AR reads.
+        With `keep_previous` (the default), the prompt is read as the release reads it, in two passes (all but the
+        last token, then the last token), so that the cache also holds the Mamba states one token behind, which
+        Mock-AR reads. Without, it is read in one pass.
         """
         mask = check_left_padded(input_ids, attention_mask)
         cache = TwoTowerCache(self.config)
-        if input_ids.shape[1] > 1:
+        if not keep_previous:
+            cache.attention_mask = mask
+            hidden = self._run_context_tower(input_ids, cache)
+        elif input_ids.shape[1] > 1:
             cache.attention_mask = mask[:, :-1]
             self._run_context_tower(input_ids[:, :-1], cache)
             cache.previous_mamba_states = cache.snapshot_mamba_states()
         else:
             cache.previous_mamba_states = self._zero_mamba_states(input_ids.shape[0], input_ids.device)
-        cache.attention_mask = mask
-        hidden = self._run_context_tower(input_ids[:, -1:], cache)
+        if keep_previous:
+            cache.attention_mask = mask
+            hidden = self._run_context_tower(input_ids[:, -1:], cache)
         cache.next_token_logits = self.context_lm_head(hidden[:, -1]).float()
         return cache
 
