@@ -59,17 +59,18 @@ def held_out_windows(tokenizer, modules: list[str], count: int) -> tuple[torch.T
 def counting_context_tokens(model):
     """Count the token columns the context tower processes (each column is one token of every row)."""
     counter = {"columns": 0}
-    original = model._run_context_tower
+    tower = model.context_tower
+    original = tower._append
 
-    def run(token_ids, cache):
+    def append(cache, token_ids, attention_mask):
         counter["columns"] += token_ids.shape[1]
-        return original(token_ids, cache)
+        return original(cache, token_ids, attention_mask)
 
-    model._run_context_tower = run
+    tower._append = append
     try:
         yield counter
     finally:
-        del model._run_context_tower
+        del tower._append
 
 
 def run_mode(model, prompts, batch_size, mode, threshold, device):
@@ -217,8 +218,8 @@ def step_costs(model, device: str, prompt_length: int = 512) -> dict:
         cache = model.prefill(prompt)
         denoise = timed(lambda: model.denoise_step(block, cache, torch.ones(1, device=device)))
         # The context grows while these are timed (by 21 tokens, and by 21 blocks): small next to the prompt.
-        ar = timed(lambda: model.extend_context(cache, prompt[:, :1], keep_previous=False))
-        extend = timed(lambda: model.extend_context(cache, prompt[:, :16], keep_previous=False))
+        ar = timed(lambda: model.extend_context(cache, prompt[:, :1], keep_behind=False))
+        extend = timed(lambda: model.extend_context(cache, prompt[:, :16], keep_behind=False))
     return {
         "device": device,
         "dtype": str(model.dtype),

@@ -52,7 +52,7 @@ def tiny_model(seed: int = 0, **overrides) -> TwoTowerForDiffusionLM:
     model = TwoTowerForDiffusionLM(tiny_config(**overrides)).eval()
     # Random but not degenerate conditioning, so that tests that compare t values can fail.
     with torch.no_grad():
-        for p in model.t_block.parameters():
+        for p in model.denoiser_tower.adaln.t_block.parameters():
             p.normal_(std=0.2)
     return model
 
@@ -88,8 +88,8 @@ def nemotron_h_from_context_tower(model):
     from transformers import NemotronHForCausalLM
 
     reference = NemotronHForCausalLM(nemotron_h_config(model.config)).eval()
-    state = {f"model.{k}": v for k, v in model.context_tower.state_dict().items()}
-    reference.load_state_dict({**state, "lm_head.weight": model.context_lm_head.weight})
+    state = {f"model.{k}": v for k, v in model.context_tower.state_dict().items() if not k.startswith("lm_head.")}
+    reference.load_state_dict({**state, "lm_head.weight": model.context_tower.lm_head.weight})
     return align_dt_clamp(reference, model.config.time_step_limit)
 
 

@@ -211,4 +211,4 @@ def test_finetune_script_under_torchrun(saved_model, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     tuned = TwoTowerForDiffusionLM.from_pretrained(out)
     assert not torch.equal(tuned.lm_head.weight, model.lm_head.weight)
-    assert torch.equal(tuned.context_lm_head.weight, model.context_lm_head.weight)
+    assert torch.equal(tuned.context_tower.lm_head.weight, model.context_tower.lm_head.weight)

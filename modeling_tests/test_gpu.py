@@ -30,7 +30,7 @@ def test_kernel_seeded_scan_equals_naive_recurrence(length):
     conv_history = torch.randn(2, mixer.conv_dim, mixer.conv_kernel_size - 1, generator=generator).cuda()
     ssm_state = torch.randn(2, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, generator=generator).cuda()
     with torch.no_grad():
-        fast, _, fast_state = mixer.seeded_forward(hidden, conv_history, ssm_state)
+        fast, _, fast_state = mixer.seeded_scan(hidden, conv_history, ssm_state)
         slow, _, slow_state = naive_seeded_mixer(mixer, hidden, conv_history, ssm_state)
     torch.testing.assert_close(fast, slow, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(fast_state, slow_state, rtol=1e-3, atol=1e-4)

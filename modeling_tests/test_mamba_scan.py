@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_model
+from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
 
 
 def naive_seeded_mixer(mixer, hidden, conv_history, ssm_state):
@@ -56,7 +57,7 @@ def test_seeded_scan_equals_naive_recurrence(length):
     conv_history = torch.randn(2, mixer.conv_dim, mixer.conv_kernel_size - 1)
     ssm_state = torch.randn(2, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size)
     with torch.no_grad():
-        fast, fast_conv, fast_state = mixer.seeded_forward(hidden, conv_history, ssm_state)
+        fast, fast_conv, fast_state = mixer.seeded_scan(hidden, conv_history, ssm_state)
         slow, slow_conv, slow_state = naive_seeded_mixer(mixer, hidden, conv_history, ssm_state)
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast_conv, slow_conv, rtol=0, atol=0)  # the last K raw conv inputs
@@ -71,9 +72,9 @@ def test_seed_matters():
     zero_conv = torch.zeros(1, mixer.conv_dim, mixer.conv_kernel_size - 1)
     zero_ssm = torch.zeros(1, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size)
     with torch.no_grad():
-        seeded_zero = mixer.seeded_forward(hidden, zero_conv, zero_ssm)[0]
-        unseeded = mixer(hidden)  # Nemotron-H's own forward, no cache
-        seeded = mixer(hidden, context_state=(zero_conv, torch.randn_like(zero_ssm)))
+        seeded_zero = mixer.seeded_scan(hidden, zero_conv, zero_ssm)[0]
+        unseeded = NemotronHMamba2Mixer.forward(mixer, hidden)  # Nemotron-H's own forward, no cache
+        seeded = mixer(hidden, zero_conv, torch.randn_like(zero_ssm))
     torch.testing.assert_close(seeded_zero, unseeded, rtol=1e-4, atol=1e-5)
     assert (seeded - unseeded).abs().max() > 1e-3
 

@@ -91,11 +91,11 @@ class MockTwoTower(TwoTowerGenerationMixin):
         self.generator = torch.Generator().manual_seed(seed)
         self.calls = []
 
-    def prefill(self, input_ids, attention_mask=None, keep_previous=True):
+    def prefill(self, input_ids, attention_mask=None, keep_behind=True):
         self.calls.append(("prefill", input_ids.shape[1]))
         return {"batch": input_ids.shape[0]}
 
-    def extend_context(self, cache, token_ids, keep_previous=True):
+    def extend_context(self, cache, token_ids, keep_behind=True):
         self.calls.append(("extend", token_ids.shape[1]))
         return cache
 

@@ -36,10 +36,10 @@ def test_extend_context_equals_prefill_of_longer_sequence(model, block):
 
 
 def test_one_pass_prefill_equals_the_two_pass_one(model):
-    """`keep_previous=False` (diffusion and AR modes) reads the prompt in one pass: same cache, no states behind."""
+    """`keep_behind=False` (diffusion and AR modes) reads the prompt in one pass: same cache, no states behind."""
     ids, mask = left_pad([clean_ids(model, 1, n, seed=n)[0].tolist() for n in (4, 9)])
-    one_pass = model.prefill(ids, mask, keep_previous=False)
-    assert one_pass.previous_mamba_states is None and one_pass.num_context_tokens == 9
+    one_pass = model.prefill(ids, mask, keep_behind=False)
+    assert one_pass.mamba_states_behind is None and one_pass.num_context_tokens == 9
     assert_same_context(one_pass, model.prefill(ids, mask))
 
 
@@ -215,10 +215,10 @@ def test_loss_trains_the_denoiser_only_and_goes_down():
         loss.backward()
         if not losses:
             assert all(p.grad is None for p in model.context_tower.parameters())
-            assert all(p.grad is None for p in model.context_lm_head.parameters())
+            assert all(p.grad is None for p in model.context_tower.lm_head.parameters())
             assert model.denoiser_tower.layers[0].mixer.in_proj.weight.grad.abs().sum() > 0
-            assert model.t_embedder.mlp[0].weight.grad.abs().sum() > 0
-            assert model.scale_shift_tables[3].grad.abs().sum() > 0
+            assert model.denoiser_tower.adaln.t_embedder.mlp[0].weight.grad.abs().sum() > 0
+            assert model.denoiser_tower.adaln.scale_shift_tables[3].grad.abs().sum() > 0
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
@@ -241,7 +241,13 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         loss = model(ids, labels=ids, noise_mask=noise).loss
         loss.backward()
         assert len(calls) == (2 if checkpointing else 1), "the backward pass recomputes checkpointed layers"
-        results.append((loss.detach(), model.t_embedder.mlp[0].weight.grad.clone(), model.lm_head.weight.grad.clone()))
+        results.append(
+            (
+                loss.detach(),
+                model.denoiser_tower.adaln.t_embedder.mlp[0].weight.grad.clone(),
+                model.lm_head.weight.grad.clone(),
+            )
+        )
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

@@ -2,9 +2,15 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .cache_twotower import DenoiserContext, TwoTowerCache
 from .configuration_twotower import TwoTowerConfig
-from .generation_twotower import TwoTowerGenerationConfig, TwoTowerGenerationMixin, TwoTowerGenerationOutput
+from .context_twotower import DenoiserContext, TwoTowerCache, TwoTowerContextTower
+from .denoiser_twotower import TwoTowerDenoiser
+from .generation_twotower import (
+    DiffusionStep,
+    TwoTowerGenerationConfig,
+    TwoTowerGenerationMixin,
+    TwoTowerGenerationOutput,
+)
 from .modeling_twotower import TwoTowerForDiffusionLM, TwoTowerPreTrainedModel, two_tower_device_map
 
 
@@ -14,8 +20,11 @@ AutoModelForCausalLM.register(TwoTowerConfig, TwoTowerForDiffusionLM, exist_ok=T
 
 __all__ = [
     "DenoiserContext",
+    "DiffusionStep",
     "TwoTowerCache",
     "TwoTowerConfig",
+    "TwoTowerContextTower",
+    "TwoTowerDenoiser",
     "TwoTowerForDiffusionLM",
     "TwoTowerGenerationConfig",
     "TwoTowerGenerationMixin",

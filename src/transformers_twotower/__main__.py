@@ -8,6 +8,7 @@ Without `--model`, `generate` uses the small demo TwoTower bundled with the pack
 """
 
 import argparse
+import runpy
 import sys
 import time
 from pathlib import Path
@@ -73,10 +74,7 @@ def bench(argv: list[str]) -> int:
     checkout = Path(__file__).resolve().parents[2] / "benchmarks"
     if not (checkout / "bench_demo.py").is_file():
         raise SystemExit("error: the benchmark lives in benchmarks/ of the repository; run it from a checkout")
-    sys.path.insert(0, str(checkout))
-    from bench_demo import main as bench_main
-
-    return bench_main(argv)
+    return runpy.run_path(str(checkout / "bench_demo.py"), run_name="bench_demo")["main"](argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,4 +82,6 @@ class TwoTowerConfig(NemotronHConfig):
             raise ValueError(f"`time_step_limit` must be a [min, max] pair, got {self.time_step_limit}.")
 
 
+TwoTowerConfig.register_for_auto_class("AutoConfig")
+
 __all__ = ["TwoTowerConfig"]

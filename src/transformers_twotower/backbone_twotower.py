@@ -1,0 +1,121 @@
+"""What both towers share: transformers' Nemotron-H backbone, with the release's `dt` clamp and a seeded Mamba scan.
+
+- `TwoTowerPreTrainedModel`: the base class of the model and of both towers (Nemotron-H's initialisation).
+- `TwoTowerMamba2Mixer`: Nemotron-H's Mamba-2 mixer, clamping `dt` with the config's `time_step_limit`, plus
+  `seeded_scan`, a block that continues from a given Mamba state. The context tower uses it to append a committed
+  block to its cache; the denoiser uses it to start every scan from the context's state.
+- `TwoTowerBlock`: a Nemotron-H block whose mixer comes from its tower's own mixer table.
+
+See docs/architecture.md ("The backbone", "Context-seeded Mamba").
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.integrations.accelerate import force_accelerate_hooks
+from transformers.models.nemotron_h.modeling_nemotron_h import (
+    MIXER_TYPES,
+    NemotronHBlock,
+    NemotronHMamba2Mixer,
+    NemotronHPreTrainedModel,
+    NemotronHRMSNorm,
+    causal_conv1d_fn,
+    mamba2_chunk_scan,
+)
+
+from .configuration_twotower import TwoTowerConfig
+
+
+class TwoTowerPreTrainedModel(NemotronHPreTrainedModel):
+    config_class = TwoTowerConfig
+    config: TwoTowerConfig
+    base_model_prefix = "denoiser_tower"
+    _no_split_modules = ["TwoTowerBlock"]
+    _supports_flash_attn = False
+    _supports_flash_attn_2 = False
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False
+    # transformers detects MoE support by looking for `@use_experts_implementation` in the class's module source; the
+    # experts here are Nemotron-H's (which has it), so say so and get the same `grouped_mm` experts.
+    _can_set_experts_implementation_cached_value = True
+
+
+class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
+    """Nemotron-H's Mamba-2 mixer with the release's `dt` clamp, plus a scan that continues from a given state."""
+
+    def __init__(self, config: TwoTowerConfig, layer_idx: int):
+        super().__init__(config, layer_idx=layer_idx)
+        # transformers clamps dt from below at `time_step_min`; the release clamps with `time_step_limit` ([0, inf]).
+        self.time_step_limit = tuple(config.time_step_limit)
+
+    @force_accelerate_hooks("conv1d")  # the conv weight is read directly, not through `conv1d`'s forward
+    def seeded_scan(
+        self, hidden_states: torch.Tensor, conv_history: torch.Tensor, ssm_state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the mixer over a block that continues a sequence whose Mamba state is given.
+
+        hidden_states: (B, L, H); conv_history: (B, conv_dim, K - 1), the last raw xBC inputs before the block;
+        ssm_state: (B, heads, hd, N). Returns the output (B, L, H) and the state after the block: the last K raw xBC
+        inputs (B, conv_dim, K) and the SSM state (B, heads, hd, N), fp32.
+        """
+        batch_size, length, _ = hidden_states.shape
+        gate, xBC, dt = self.in_proj(hidden_states).split(
+            [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1
+        )
+
+        # 1. Causal conv over [history | block]; keep the block's outputs. The given state may live on another
+        # device (the context tower's): it moves to this layer.
+        history = conv_history.to(device=xBC.device, dtype=xBC.dtype)
+        conv_inputs = torch.cat([history, xBC.transpose(1, 2)], dim=-1)  # (B, conv_dim, K - 1 + L)
+        xBC = causal_conv1d_fn(
+            conv_inputs, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation
+        )
+        xBC = xBC[..., -length:].transpose(1, 2)  # (B, L, conv_dim)
+        groups_state = self.n_groups * self.ssm_state_size
+        x, B, C = xBC.split([self.intermediate_size, groups_state, groups_state], dim=-1)
+        x = x.float().reshape(batch_size, length, self.num_heads, self.head_dim)
+        B = B.float().reshape(batch_size, length, self.n_groups, self.ssm_state_size)
+        C = C.float().reshape(batch_size, length, self.n_groups, self.ssm_state_size)
+
+        # 2. SSM scan in fp32. The scan is linear in its state: scan(x; h0) = scan(x; 0) + h0 decayed and read by C.
+        # So the chunked kernel always starts from zero (it has been reported wrong with an initial state and a
+        # block shorter than its chunk) and the given state enters exactly, in closed form.
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.time_step_limit)  # (B, L, heads)
+        A = -torch.exp(self.A_log.float())  # (heads,)
+        y, zero_start_state = mamba2_chunk_scan(
+            x.contiguous(),
+            dt.contiguous(),
+            A,
+            B.contiguous(),
+            C.contiguous(),
+            chunk_size=self.chunk_size,
+            D=self.D.float(),
+            return_final_states=True,
+        )  # (B, L, heads, hd), (B, heads, hd, N)
+        h0 = ssm_state.to(device=x.device, dtype=torch.float32)
+        decay = torch.exp(torch.cumsum(dt * A, dim=1))  # (B, L, heads): decay of h0 up to and including step t
+        C_heads = C.repeat_interleave(self.num_heads // self.n_groups, dim=2)  # (B, L, heads, N)
+        y = y + torch.einsum("blhn,bhpn->blhp", C_heads, h0) * decay[..., None]
+        final_state = zero_start_state + decay[:, -1, :, None, None] * h0
+
+        # 3. Gated group norm, output projection.
+        y = self.norm(y.reshape(batch_size, length, -1), gate)
+        out = self.out_proj(y.to(hidden_states.dtype))
+        return out, conv_inputs[..., -self.conv_kernel_size :], final_state
+
+
+class TwoTowerBlock(NemotronHBlock):
+    """A Nemotron-H block (pre-norm residual) whose mixer comes from `mixer_types`, its tower's table."""
+
+    mixer_types = MIXER_TYPES
+
+    def __init__(self, config: TwoTowerConfig, layer_idx: int):
+        nn.Module.__init__(self)
+        self.config = config
+        self.layer_idx = layer_idx
+        self.norm = NemotronHRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.block_type = config.layers_block_type[layer_idx]
+        self.mixer = self.mixer_types[self.block_type](config, layer_idx=layer_idx)
+
+
+__all__ = ["TwoTowerBlock", "TwoTowerMamba2Mixer", "TwoTowerPreTrainedModel"]

@@ -1,0 +1,240 @@
+"""The denoiser tower: the backbone with the four changes of docs/architecture.md ("The denoiser tower").
+
+1. adaLN-single time conditioning: `TwoTowerAdaLNSingle` turns `t` into every layer's `(shift, scale, gate)`;
+2. where the modulation sits: `TwoTowerDenoiserBlock.forward` (before the norm for Mamba and attention, after it for
+   MoE and MLP; the gate scales the mixer's output);
+3. layer-aligned joint attention over the context's K/V and the block: `DenoiserAttention`;
+4. context-seeded Mamba: `DenoiserMamba2Mixer`, the shared seeded scan started from the context's state.
+
+`TwoTowerDenoiser` holds the embeddings, the blocks, adaLN-single and the final norm; its `forward(input_ids,
+context, t)` gives the hidden states of noisy blocks after a `DenoiserContext`. The head (`lm_head`) is the model's.
+"""
+
+import math
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.nemotron_h.modeling_nemotron_h import (
+    MIXER_TYPES,
+    NemotronHAttention,
+    NemotronHRMSNorm,
+    eager_attention_forward,
+)
+
+from .backbone_twotower import TwoTowerBlock, TwoTowerMamba2Mixer, TwoTowerPreTrainedModel
+from .configuration_twotower import TwoTowerConfig
+from .context_twotower import DenoiserContext
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. adaLN-single
+
+
+class TwoTowerTimestepEmbedder(nn.Module):
+    """`t` -> sinusoidal features (cos half, then sin half) of `t * scale` -> Linear, SiLU, Linear."""
+
+    def __init__(self, config: TwoTowerConfig):
+        super().__init__()
+        self.frequency_size = config.time_embedding_size
+        self.scale = config.time_embedding_scale
+        self.mlp = nn.Sequential(
+            nn.Linear(config.time_embedding_size, config.hidden_size),
+            nn.SiLU(),
+            nn.Linear(config.hidden_size, config.hidden_size),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        dtype = self.mlp[0].weight.dtype
+        # Like the release: the scaling happens in the model dtype, the sinusoid in fp32.
+        u = (t.to(dtype) * self.scale).float()  # (B,)
+        half = self.frequency_size // 2
+        frequencies = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        angles = u[:, None] * frequencies[None]  # (B, half)
+        features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+        return self.mlp(features.to(dtype))
+
+
+class TwoTowerScaleShiftTables(nn.Module):
+    """Per-layer tables: parameter `i` is layer `i`'s `(3, H)` table (rows: shift, scale, gate), named `0`, `1`, ...
+    as in the release. A module with a `forward` so that Accelerate's hooks place the tables when offloaded."""
+
+    def __init__(self, num_layers: int, hidden_size: int):
+        super().__init__()
+        for i in range(num_layers):
+            self.register_parameter(str(i), nn.Parameter(torch.zeros(3, hidden_size)))
+
+    def __len__(self) -> int:
+        return len(self._parameters)
+
+    def __getitem__(self, index: int) -> nn.Parameter:
+        return self._parameters[str(index)]
+
+    def __iter__(self):
+        return iter(self._parameters.values())
+
+    def forward(self, t_emb: torch.Tensor) -> list[torch.Tensor]:
+        """t_emb (rows, 3, H) -> every layer's `table + t_emb`, (rows, 3, H)."""
+        return [table.to(t_emb.device) + t_emb for table in self]
+
+
+class TwoTowerAdaLNSingle(nn.Module):
+    """adaLN-single: one time embedding for the whole tower, `t_emb = t_block(t_embedder(t))` of size 3H, plus a
+    learnt table per layer. Layer `i` is modulated by `(shift, scale, gate) = scale_shift_tables[i] + t_emb`."""
+
+    def __init__(self, config: TwoTowerConfig):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.t_embedder = TwoTowerTimestepEmbedder(config)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(config.hidden_size, 3 * config.hidden_size))
+        self.scale_shift_tables = TwoTowerScaleShiftTables(config.num_hidden_layers, config.hidden_size)
+
+    def forward(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """`t` (rows,) -> per layer, (rows, 3, H): rows of shift, scale, gate."""
+        t_emb = self.t_block(self.t_embedder(t)).view(t.shape[0], 3, self.hidden_size)
+        return self.scale_shift_tables(t_emb)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. and 4.: the mixers that read the context
+
+
+class DenoiserAttention(NemotronHAttention):
+    """Joint attention: queries from the block(s); keys/values = [this layer's context K/V | the blocks' own K/V]."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        context_keys: torch.Tensor,
+        context_values: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        num_blocks: int = 1,
+    ) -> torch.Tensor:
+        """hidden_states: (B * nb, S, H), context K/V: (B, kv_heads, T, hd), attention_mask: additive, broadcastable
+        to (B, heads, nb * S, T + nb * S), or None for "every key visible". No causal mask."""
+        rows, length, _ = hidden_states.shape
+        hidden_states = hidden_states.reshape(rows // num_blocks, num_blocks * length, -1)  # (B, nb * S, H)
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, heads, nb * S, hd)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, kv_heads, nb * S, hd)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        # The context K/V (written by the context tower, perhaps on another device) move to this layer.
+        key = torch.cat([context_keys.to(key.device, key.dtype), key], dim=2)  # (B, kv_heads, T + nb * S, hd)
+        value = torch.cat([context_values.to(value.device, value.dtype), value], dim=2)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(query.device)
+
+        # Arbitrary masks need eager or sdpa; other kernels (flash) cannot express the block structure.
+        implementation = self.config._attn_implementation
+        implementation = implementation if implementation in ("eager", "sdpa") else "sdpa"
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        output, _ = attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=False,
+        )  # (B, nb * S, heads, hd)
+        return self.o_proj(output.reshape(rows, length, -1))
+
+
+class DenoiserMamba2Mixer(TwoTowerMamba2Mixer):
+    """Mamba-2 over a block, its conv and scan started from the context's state; nothing is written back."""
+
+    def forward(self, hidden_states: torch.Tensor, conv_history: torch.Tensor, ssm_state: torch.Tensor):
+        # Through the module call (not `seeded_scan` directly), so that Accelerate's hooks fire.
+        return self.seeded_scan(hidden_states, conv_history, ssm_state)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. The block, and the tower
+
+
+class TwoTowerDenoiserBlock(TwoTowerBlock):
+    """A denoiser block: adaLN-single modulation around Nemotron-H's pre-norm residual, mixers that read the context."""
+
+    mixer_types = {**MIXER_TYPES, "linear_attention": DenoiserMamba2Mixer, "full_attention": DenoiserAttention}
+
+    def forward(
+        self, hidden_states: torch.Tensor, modulation: torch.Tensor | None, context: DenoiserContext
+    ) -> torch.Tensor:
+        """hidden_states: (B * nb, S, H); modulation: (B * nb, 3, H) rows (shift, scale, gate), or None for no
+        time conditioning at all."""
+        if modulation is None:
+            normed = self.norm(hidden_states)
+        else:
+            shift, scale, gate = modulation.to(hidden_states.device)[:, :, None, :].unbind(1)  # each (B * nb, 1, H)
+            if self.block_type in ("moe", "mlp"):  # modulate(RMSNorm(x))
+                normed = self.norm(hidden_states) * (1 + scale) + shift
+            else:  # Mamba / attention: RMSNorm(modulate(x))
+                normed = self.norm(hidden_states * (1 + scale) + shift)
+
+        i = self.layer_idx
+        if self.block_type == "linear_attention":
+            out = self.mixer(normed, context.conv_history[i], context.ssm_states[i])
+        elif self.block_type == "full_attention":
+            out = self.mixer(normed, context.keys[i], context.values[i], context.attention_mask, context.num_blocks)
+        else:
+            out = self.mixer(normed)
+
+        if modulation is not None:
+            out = gate * out
+        return hidden_states + out
+
+
+class TwoTowerDenoiser(TwoTowerPreTrainedModel):
+    """The denoiser tower: `embeddings`, `layers`, `norm_f` as in Nemotron-H, plus `adaln` (adaLN-single).
+
+    `forward(input_ids, context, t)` runs noisy blocks `(B * nb, S)` after a `DenoiserContext` (from
+    `TwoTowerCache.denoiser_context` or `TwoTowerContextTower.training_context`) and returns their final hidden
+    states. `t` `(B * nb,)` is each block's masked fraction, or None for no time conditioning (Mock-AR).
+    """
+
+    def __init__(self, config: TwoTowerConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            [TwoTowerDenoiserBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)]
+        )
+        self.norm_f = NemotronHRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.adaln = TwoTowerAdaLNSingle(config)
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, TwoTowerScaleShiftTables):
+            for table in module:
+                init.normal_(table, std=self.config.hidden_size**-0.5)
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        context: DenoiserContext,
+        t: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutput:
+        hidden = self.embeddings(input_ids)  # (B * nb, S, H)
+        modulations = [None] * len(self.layers) if t is None else self.adaln(t)
+        all_hidden = [hidden] if output_hidden_states else None
+        for layer, modulation in zip(self.layers, modulations):
+            hidden = layer(hidden, modulation, context=context)
+            if output_hidden_states:
+                all_hidden.append(hidden)
+        hidden = self.norm_f(hidden)
+        return BaseModelOutput(last_hidden_state=hidden, hidden_states=tuple(all_hidden) if all_hidden else None)
+
+
+__all__ = ["TwoTowerAdaLNSingle", "TwoTowerDenoiser", "TwoTowerTimestepEmbedder"]
