@@ -14,24 +14,27 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import ModelOutput
 
-from .cache_twotower import check_left_padded
+from .context_twotower import check_left_padded
 from .sampling_twotower import commit_mask, predict_tokens
 
 
 GENERATION_MODES = ("mask_diffusion", "mock_ar", "ar")
 
-# GenerationConfig fields this generate does not implement: setting any of them raises instead of being ignored.
-UNSUPPORTED_FIELDS = (
-    "min_length", "min_new_tokens", "early_stopping", "use_mtp", "cache_implementation", "cache_config",
-    "max_cache_len", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
-    "encoder_repetition_penalty", "length_penalty", "no_repeat_ngram_size", "bad_words_ids", "renormalize_logits",
-    "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
-    "suppress_tokens", "begin_suppress_tokens", "sequence_bias", "token_healing", "guidance_scale",
-    "watermarking_config", "output_attentions", "output_hidden_states", "output_scores", "output_logits",
-    "encoder_no_repeat_ngram_size", "num_assistant_tokens", "prompt_lookup_num_tokens", "assistant_early_exit",
-    "speculation_type", "penalty_alpha", "dola_layers", "diversity_penalty", "num_beam_groups", "constraints",
-    "force_words_ids", "prefill_chunk_size",
+# The GenerationConfig fields this `generate` reads. Any other field set to a value other than its default raises,
+# instead of being ignored; `num_beams`, `num_return_sequences` and `use_cache` are checked on their own.
+SUPPORTED_FIELDS = frozenset(
+    {
+        # TwoTower's own (`TwoTowerGenerationConfig`)
+        "generation_mode", "block_size", "steps_per_block", "confidence_threshold", "mask_token_id",
+        "output_history", "keep_eos_block",
+        # transformers' fields, with their usual meaning
+        "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
+        "bos_token_id", "return_dict_in_generate", "max_time", "stop_strings",
+        # bookkeeping
+        "transformers_version", "num_beams", "num_return_sequences", "use_cache",
+    }
 )  # fmt: skip
+DEFAULT_FIELDS = GenerationConfig().__dict__
 UNSUPPORTED_GENERATE_ARGUMENTS = (
     "assistant_model", "assistant_tokenizer", "prefix_allowed_tokens_fn", "synced_gpus", "negative_prompt_ids",
     "negative_prompt_attention_mask", "past_key_values", "inputs_embeds", "custom_generate",
@@ -57,8 +60,11 @@ class TwoTowerGenerationConfig(GenerationConfig):
     mask_token_id (`int`, defaults to 3):
         The mask token.
     output_history (`bool`, defaults to `False`):
-        With `return_dict_in_generate=True`, also return every diffusion step (block before the step, `t`, what was
-        committed).
+        With `return_dict_in_generate=True`, also return every diffusion step as a [`DiffusionStep`] (block before the
+        step, `t`, what was committed; no logits).
+    keep_eos_block (`bool`, defaults to `False`):
+        The release's EOS rule for mask diffusion: a row ends after the block that holds its EOS, and that block is
+        returned whole, tokens after EOS included. By default (transformers' rule) what follows EOS is padding.
     """
 
     def __init__(self, **kwargs):
@@ -68,6 +74,7 @@ class TwoTowerGenerationConfig(GenerationConfig):
         self.confidence_threshold = kwargs.pop("confidence_threshold", 0.8)
         self.mask_token_id = kwargs.pop("mask_token_id", 3)
         self.output_history = kwargs.pop("output_history", False)
+        self.keep_eos_block = kwargs.pop("keep_eos_block", False)
         # Explicit, so that callers filling in "unset" knobs (the text-generation pipeline samples by default) don't.
         kwargs.setdefault("max_new_tokens", 128)
         kwargs.setdefault("do_sample", False)
@@ -103,24 +110,41 @@ class TwoTowerGenerationConfig(GenerationConfig):
 
 
 @dataclass
+class DiffusionStep(ModelOutput):
+    """One denoiser step of mask diffusion, as `step_callback` and `output_history` see it.
+
+    block: index of the block; step: index of the step in the block; tokens: `(B, S)` the block before the step;
+    t: `(B,)` each row's masked fraction; logits: `(B, S, V)` the denoiser's logits (None in the history);
+    committed: `(B, S)` bool, the positions that took their prediction at this step.
+    """
+
+    block: int | None = None
+    step: int | None = None
+    tokens: torch.LongTensor | None = None
+    t: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    committed: torch.BoolTensor | None = None
+
+
+@dataclass
 class TwoTowerGenerationOutput(ModelOutput):
     """
     sequences: `(B, prompt + generated)` token ids; after a row's EOS, `pad_token_id`.
     nfe: `(B,)` model forwards that predicted tokens for each row (denoiser forwards in the diffusion and Mock-AR
         modes, context-tower forwards in AR mode).
     tokens_per_forward: `(B,)` generated tokens (up to and including EOS) per forward.
-    history: with `output_history=True` in diffusion mode, one dict per denoiser step: `block`, `step`, `tokens`
-        (the block before the step, `(B, S)`), `t` `(B,)` and `committed` (`(B, S)` bool).
+    history: with `output_history=True` in diffusion mode, one [`DiffusionStep`] per denoiser step (without logits).
     """
 
     sequences: torch.LongTensor | None = None
     nfe: torch.LongTensor | None = None
     tokens_per_forward: torch.FloatTensor | None = None
-    history: tuple[dict, ...] | None = None
+    history: tuple[DiffusionStep, ...] | None = None
 
 
 class TwoTowerGenerationMixin(GenerationMixin):
-    """`generate` for TwoTower's three modes (ARCHITECTURE.md §5), plus the release's `generate_*` functions."""
+    """`generate` for TwoTower's three modes (docs/architecture.md, "Generation"), plus the release's `generate_*`
+    functions, which all go through `generate`."""
 
     # ----------------------------------------------------------------------------------------------------------------
     # Entry points
@@ -136,6 +160,7 @@ class TwoTowerGenerationMixin(GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         tokenizer=None,
+        step_callback: Callable[[DiffusionStep], None] | None = None,
         **kwargs,
     ) -> torch.LongTensor | TwoTowerGenerationOutput:
         r"""Generate after left-padded prompts `(B, T)` in one of three modes (`generation_mode`).
@@ -157,8 +182,9 @@ class TwoTowerGenerationMixin(GenerationMixin):
         the context tower alone with its cache.
 
         Returns the token ids `(B, T + generated)`, or a [`TwoTowerGenerationOutput`] with
-        `return_dict_in_generate=True`. `generator` seeds sampling. `max_new_tokens` need not be a multiple of
-        `block_size`: the last block is generated whole, then trimmed.
+        `return_dict_in_generate=True`. `generator` seeds sampling. `step_callback` (mask diffusion) is called with a
+        [`DiffusionStep`] after every denoiser step. `max_new_tokens` need not be a multiple of `block_size`: the last
+        block is generated whole, then trimmed.
         """
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
@@ -172,10 +198,17 @@ class TwoTowerGenerationMixin(GenerationMixin):
                     "`logits_processor` is not supported in `mask_diffusion` mode: the positions of a block are "
                     "predicted jointly, not as one next-token distribution. Use `temperature`/`top_k`/`top_p`."
                 )
+            observers = [step_callback] if step_callback is not None else []
+            history = [] if config.output_history else None
+            if history is not None:
+                observers.append(lambda step: history.append(DiffusionStep(**{**step, "logits": None})))
             result = self._generate_mask_diffusion(
-                input_ids, attention_mask, config, stopping_criteria, streamer, generator
+                input_ids, attention_mask, config, stopping_criteria, streamer, generator, observers
             )
+            result.history = tuple(history) if history is not None else None
         else:
+            if step_callback is not None:
+                raise ValueError("`step_callback` is only available in `mask_diffusion` mode.")
             result = self._generate_autoregressive(
                 input_ids, attention_mask, config, logits_processor, stopping_criteria, streamer, generator
             )
@@ -202,12 +235,12 @@ class TwoTowerGenerationMixin(GenerationMixin):
         config = self._release_config(
             "mask_diffusion", max_new_tokens, temperature, top_k, None, eos_token_id,
             block_size=block_size, steps_per_block=steps_per_block, mask_token_id=mask_token_id,
-            confidence_threshold=confidence_threshold,
+            confidence_threshold=confidence_threshold, keep_eos_block=True,
         )  # fmt: skip
-        config, input_ids, attention_mask = self._prepare_generation(input_ids, attention_mask, config, {})
-        return self._generate_mask_diffusion(
-            input_ids, attention_mask, config, StoppingCriteriaList(), None, None, step_callback, keep_eos_block=True
-        ).sequences
+        observer = None if step_callback is None else (lambda step: step_callback(step.tokens, step.logits))
+        return self.generate(
+            input_ids, generation_config=config, attention_mask=attention_mask, step_callback=observer
+        )
 
     def generate_mock_ar(
         self,
@@ -290,11 +323,9 @@ class TwoTowerGenerationMixin(GenerationMixin):
             raise ValueError(
                 f"`num_return_sequences` must be 1 (got {config.num_return_sequences}); repeat the prompt instead."
             )
-        for name in UNSUPPORTED_FIELDS:
-            if getattr(config, name, None) not in (None, False):
-                raise ValueError(
-                    f"`{name}` is not supported by TwoTower's `generate` (got {getattr(config, name)!r})."
-                )
+        for name, value in vars(config).items():
+            if not name.startswith("_") and name not in SUPPORTED_FIELDS and value != DEFAULT_FIELDS.get(name):
+                raise ValueError(f"`{name}` is not supported by TwoTower's `generate` (got {value!r}).")
         if config.use_cache is False:
             raise ValueError("`use_cache=False` is not supported: TwoTower always generates from its context cache.")
         if config.output_history and config.generation_mode != "mask_diffusion":
@@ -346,27 +377,22 @@ class TwoTowerGenerationMixin(GenerationMixin):
     # Mask diffusion
 
     def _generate_mask_diffusion(
-        self,
-        input_ids,
-        attention_mask,
-        config,
-        stopping_criteria,
-        streamer,
-        generator,
-        step_callback=None,
-        keep_eos_block=False,
+        self, input_ids, attention_mask, config, stopping_criteria, streamer, generator, observers
     ) -> TwoTowerGenerationOutput:
         batch_size = input_ids.shape[0]
         block_size, steps, mask_id = config.block_size, config.steps_per_block, config.mask_token_id
         warpers = self._warpers(config)
         eos = torch.tensor(self._eos_ids(config), dtype=torch.long, device=input_ids.device)
 
-        tracker = _RowTracker(input_ids, config.max_new_tokens, config.pad_token_id, eos, keep_eos_block, streamer)
-        history = [] if config.output_history else None
-        cache = self.prefill(input_ids, attention_mask, keep_previous=False)  # only Mock-AR reads one token behind
+        tracker = _RowTracker(
+            input_ids, config.max_new_tokens, config.pad_token_id, eos, config.keep_eos_block, streamer
+        )
+        cache = self.prefill(input_ids, attention_mask, keep_behind=False)  # only Mock-AR reads one token behind
         for block_idx in range(math.ceil(config.max_new_tokens / block_size)):
             block = torch.full((batch_size, block_size), mask_id, dtype=torch.long, device=input_ids.device)
-            block[tracker.finished] = config.pad_token_id  # finished rows need no forward
+            # Finished rows hold padding: nothing of theirs is masked, so they commit nothing and count no forward
+            # (they still run through the denoiser with the batch).
+            block[tracker.finished] = config.pad_token_id
 
             for step in range(steps):
                 masked = block == mask_id
@@ -375,12 +401,11 @@ class TwoTowerGenerationMixin(GenerationMixin):
                     break
                 t = masked.float().mean(-1)  # each row's fraction still masked
                 logits = self.denoise_step(block, cache, t)
-                if step_callback is not None:
-                    step_callback(block.clone(), logits)
                 pred, confidence = predict_tokens(logits, mask_id, warpers, generator)
                 commit = commit_mask(confidence, masked, step, steps, config.confidence_threshold)
-                if history is not None:
-                    history.append(dict(block=block_idx, step=step, tokens=block.clone(), t=t, committed=commit))
+                record = DiffusionStep(block=block_idx, step=step, tokens=block, t=t, logits=logits, committed=commit)
+                for observe in observers:
+                    observe(record)
                 block = torch.where(commit, pred, block)
                 tracker.nfe += active
 
@@ -388,8 +413,8 @@ class TwoTowerGenerationMixin(GenerationMixin):
             tracker.stop_where(stopping_criteria(tracker.sequences, None))
             if tracker.done:
                 break
-            self.extend_context(cache, block, keep_previous=False)  # the context tower reads the block once
-        return tracker.output(history)
+            self.extend_context(cache, block, keep_behind=False)  # the context tower reads the block once
+        return tracker.output()
 
     # ----------------------------------------------------------------------------------------------------------------
     # Mock-AR and AR
@@ -405,7 +430,7 @@ class TwoTowerGenerationMixin(GenerationMixin):
         eos = torch.tensor(self._eos_ids(config), dtype=torch.long, device=input_ids.device)
 
         tracker = _RowTracker(input_ids, config.max_new_tokens, config.pad_token_id, eos, False, streamer)
-        cache = self.prefill(input_ids, attention_mask, keep_previous=mock_ar)
+        cache = self.prefill(input_ids, attention_mask, keep_behind=mock_ar)
         last = input_ids[:, -1:]
         while True:
             if mock_ar:  # the denoiser re-reads the last token from the context one token behind
@@ -423,7 +448,7 @@ class TwoTowerGenerationMixin(GenerationMixin):
             if tracker.done:
                 break
             last = tracker.sequences[:, -1:]
-            self.extend_context(cache, last, keep_previous=mock_ar)
+            self.extend_context(cache, last, keep_behind=mock_ar)
         return tracker.output()
 
 
@@ -469,7 +494,7 @@ class _RowTracker:
         if isinstance(rows, torch.Tensor) and rows.numel():
             self.finished |= rows.to(self.finished.device)
 
-    def output(self, history=None) -> TwoTowerGenerationOutput:
+    def output(self) -> TwoTowerGenerationOutput:
         # Trailing columns that hold only padding of finished rows are dropped, as transformers' generate stops
         # where the last row stops (a lone row ends on its EOS).
         generated = self.sequences[:, self.prompt_length :]
@@ -480,8 +505,7 @@ class _RowTracker:
             sequences=sequences,
             nfe=self.nfe,
             tokens_per_forward=tokens_per_forward,
-            history=tuple(history) if history is not None else None,
         )
 
 
-__all__ = ["TwoTowerGenerationConfig", "TwoTowerGenerationMixin", "TwoTowerGenerationOutput"]
+__all__ = ["DiffusionStep", "TwoTowerGenerationConfig", "TwoTowerGenerationMixin", "TwoTowerGenerationOutput"]
