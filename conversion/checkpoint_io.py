@@ -1,12 +1,14 @@
-"""Streaming safetensors I/O shared by the conversion scripts.
+"""What the conversion scripts share: streaming safetensors I/O, and the one folder layout they write.
 
 - `list_shards` / `read_tensors`: read a checkpoint shard by shard (safetensors only; nothing is ever unpickled),
   with errors that name the file at fault.
 - `ShardWriter`: write tensors into shards of a bounded size, then name them and write the index.
 - `atomic_output_dir`: build the result in a temporary folder beside the target and move it into place only when
   everything succeeded, so an interrupted or failed run leaves the target as it was.
-- `check_keys`: every target tensor produced, nothing unexpected, every shape right.
-- `StackExperts` / `SplitExperts`: the release's one-tensor-per-expert layout <-> the stacked layout the model uses.
+- `saved_tensor_shapes` / `check_keys`: the tensors `save_pretrained` writes for a config (the release's layout: one
+  tensor per MoE expert, time conditioning at the top level), and the check that a conversion produced exactly them.
+- `write_model_files`: everything but the weights, as `save_pretrained` writes it (config with `auto_map`, generation
+  config, the package's code), plus the tokenizer files and a model card.
 """
 
 import json
@@ -22,9 +24,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+from transformers.core_model_loading import revert_weight_conversion
+from transformers.dynamic_module_utils import custom_object_save
+
+from transformers_twotower import TwoTowerConfig, TwoTowerForDiffusionLM
 
 
 INDEX_NAME = "model.safetensors.index.json"
+DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+KEEP_FP32 = ("e_score_correction_bias",)  # the router's bias stays fp32, as the release and transformers keep it
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -41,6 +49,27 @@ TOKENIZER_FILES = (
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be converted; the message names the file or tensor at fault."""
+
+
+def load_config(input_dir: Path) -> TwoTowerConfig:
+    if not (input_dir / "config.json").is_file():
+        raise CheckpointError(f"{input_dir} has no config.json")
+    try:
+        return TwoTowerConfig.from_pretrained(input_dir)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{input_dir / 'config.json'}: {error}") from error
+
+
+def resolve_dtype(dtype: str) -> torch.dtype | None:
+    if dtype not in DTYPES:
+        raise CheckpointError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def cast(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None or not tensor.is_floating_point() or any(k in name for k in KEEP_FP32):
+        return tensor
+    return tensor.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -213,18 +242,6 @@ def copy_tokenizer_files(source: Path, target: Path) -> list[str]:
     return copied
 
 
-def copy_package_code(target: Path) -> list[str]:
-    """The package's modules next to the weights, so the folder loads with `trust_remote_code=True`."""
-    import transformers_twotower
-
-    package = Path(transformers_twotower.__file__).parent
-    copied = []
-    for path in sorted(package.glob("*_twotower.py")):  # the model's modules; not __init__ or the command line
-        shutil.copy2(path, target / path.name)
-        copied.append(path.name)
-    return copied
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Checks and key transforms
 
@@ -247,49 +264,56 @@ def check_keys(produced: dict[str, tuple], expected: dict[str, tuple], what: str
         raise CheckpointError(f"{what}: " + "; ".join(problems))
 
 
-class StackExperts:
-    """`...mixer.experts.{e}.{up,down}_proj.weight` (one per expert) -> `...mixer.experts.{up,down}_proj` (stacked).
-
-    Experts of one layer may be spread over several shards: a group is emitted once all its experts were seen.
-    """
-
-    pattern = re.compile(r"^(?P<prefix>.+\.mixer\.experts)\.(?P<index>\d+)\.(?P<proj>up_proj|down_proj)\.weight$")
-
-    def __init__(self, num_experts: int):
-        self.num_experts = num_experts
-        self.pending: dict[str, dict[int, torch.Tensor]] = {}
-
-    def __call__(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        match = self.pattern.match(name)
-        if match is None:
-            return [(name, tensor)]
-        target = f"{match['prefix']}.{match['proj']}"
-        index = int(match["index"])
-        group = self.pending.setdefault(target, {})
-        if index >= self.num_experts or index in group:
-            raise CheckpointError(f"unexpected expert tensor {name} (the config has {self.num_experts} experts)")
-        group[index] = tensor
-        if len(group) < self.num_experts:
-            return []
-        del self.pending[target]
-        return [(target, torch.stack([group[i] for i in range(self.num_experts)]))]
-
-    def check_complete(self):
-        if self.pending:
-            incomplete = {k: sorted(set(range(self.num_experts)) - set(v))[:5] for k, v in self.pending.items()}
-            raise CheckpointError(f"expert tensors missing from the checkpoint: {incomplete}")
+def meta_model(config: TwoTowerConfig) -> TwoTowerForDiffusionLM:
+    with torch.device("meta"):
+        return TwoTowerForDiffusionLM(config)
 
 
-class SplitExperts:
-    """The inverse of `StackExperts`."""
+def saved_tensor_shapes(config: TwoTowerConfig) -> dict[str, tuple]:
+    """`{name: (shape, dtype)}` of what `save_pretrained` writes for `config`: the model's state dict through the
+    same reverted loading rules, on the meta device."""
+    model = meta_model(config)
+    saved = revert_weight_conversion(model, model.state_dict())
+    return {name: (tensor.shape, tensor.dtype) for name, tensor in saved.items()}
 
-    pattern = re.compile(r"^(?P<prefix>.+\.mixer\.experts)\.(?P<proj>up_proj|down_proj)$")
 
-    def __call__(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        match = self.pattern.match(name)
-        if match is None:
-            return [(name, tensor)]
-        return [(f"{match['prefix']}.{e}.{match['proj']}.weight", expert.clone()) for e, expert in enumerate(tensor)]
+def write_model_files(work: Path, config: TwoTowerConfig, source: Path, card: str, dtype: torch.dtype | None):
+    """Everything but the weights: what `save_pretrained` writes (the package's code, `config.json` with `auto_map`,
+    `generation_config.json`), the source's tokenizer files, and a model card."""
+    model = meta_model(config)
+    config.architectures = [type(model).__name__]
+    if dtype is not None:
+        config.dtype = dtype
+    custom_object_save(model, work, config=config)  # the modeling code and its relative imports, `auto_map`
+    config.save_pretrained(work)  # also copies configuration_twotower.py and adds AutoConfig to `auto_map`
+    model.generation_config.save_pretrained(work)
+    copy_tokenizer_files(source, work)
+    (work / "README.md").write_text(card)
 
-    def check_complete(self):
-        pass
+
+def convert_tensors(
+    input_dir: Path,
+    work: Path,
+    rename,
+    expected: dict,
+    dtype: torch.dtype | None,
+    max_shard_size: str | int,
+    what: str,
+    new_tensors: dict[str, torch.Tensor] | None = None,
+):
+    """Stream every source tensor through `rename` (a name -> its output names) into shards in `work`, cast to
+    `dtype`, add `new_tensors` (in `dtype`, else the source's floating dtype), and check the result against
+    `expected` before naming the shards."""
+    shards = list_shards(input_dir)
+    check_index_matches_shards(input_dir, shards)
+    writer = ShardWriter(work, parse_size(max_shard_size))
+    source_dtype = None
+    for shard in shards:
+        for name, tensor in read_tensors(shard):
+            source_dtype = source_dtype or (tensor.dtype if tensor.is_floating_point() else None)
+            for out_name in rename(name):
+                writer.add(out_name, cast(out_name, tensor, dtype).clone())  # clone: no two names share memory
+    for name, tensor in (new_tensors or {}).items():
+        writer.add(name, tensor.to(dtype or source_dtype or torch.float32))
+    check_keys(writer.shapes, expected, what)
+    writer.finish()

@@ -22,24 +22,14 @@ from pathlib import Path
 
 import torch
 from checkpoint_io import (
-    CheckpointError,
-    ShardWriter,
-    StackExperts,
-    atomic_output_dir,
-    check_index_matches_shards,
-    check_keys,
-    list_shards,
-    parse_size,
-    read_tensors,
-)
-from convert_nvidia_twotower import (
     DTYPES,
-    as_package_config,
-    cast,
+    CheckpointError,
+    atomic_output_dir,
+    convert_tensors,
     load_config,
-    model_tensor_shapes,
     resolve_dtype,
-    write_package_files,
+    saved_tensor_shapes,
+    write_model_files,
 )
 
 from transformers_twotower import TwoTowerConfig
@@ -67,30 +57,14 @@ def time_conditioning(config: TwoTowerConfig, seed: int = 0) -> dict[str, torch.
     return tensors
 
 
-class DuplicateTowers:
-    """Backbone tensor -> the same tensor under both towers; `lm_head` -> both heads; experts stacked."""
-
-    def __init__(self, num_experts: int):
-        self.stack = StackExperts(num_experts)
-
-    def __call__(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        if name == "lm_head.weight":
-            return [("context_lm_head.weight", tensor), ("lm_head.weight", tensor.clone())]
-        match = BACKBONE.match(name)
-        if match is None:
-            raise CheckpointError(
-                f"{name} is not a Nemotron-H backbone tensor (expected backbone.*, model.* or lm_head)"
-            )
-        produced = []
-        for stacked_name, stacked in self.stack(match["rest"], tensor):
-            produced += [
-                (f"context_tower.{stacked_name}", stacked),
-                (f"denoiser_tower.{stacked_name}", stacked.clone()),
-            ]
-        return produced
-
-    def check_complete(self):
-        self.stack.check_complete()
+def duplicate_towers(name: str) -> list[str]:
+    """A backbone tensor's names in the TwoTower: under both towers (`backbone.*` / `model.*`), or both heads."""
+    if name == "lm_head.weight":
+        return ["context_lm_head.weight", "lm_head.weight"]
+    match = BACKBONE.match(name)
+    if match is None:
+        raise CheckpointError(f"{name} is not a Nemotron-H backbone tensor (expected backbone.*, model.* or lm_head)")
+    return [f"context_tower.{match['rest']}", f"denoiser_tower.{match['rest']}"]
 
 
 def convert_nemotron_h_to_twotower(
@@ -107,30 +81,18 @@ def convert_nemotron_h_to_twotower(
     config = load_config(input_dir)
     config.mask_token_id, config.block_size = mask_token_id, block_size
     config._check_twotower_fields()
-    config = as_package_config(config, target_dtype)
 
     with atomic_output_dir(output_dir, overwrite) as work:
-        shards = list_shards(input_dir)
-        check_index_matches_shards(input_dir, shards)
-        writer = ShardWriter(work, parse_size(max_shard_size))
-        transform = DuplicateTowers(config.n_routed_experts)
-        source_dtype = None
-        for shard in shards:
-            for name, tensor in read_tensors(shard):
-                source_dtype = source_dtype or (tensor.dtype if tensor.is_floating_point() else None)
-                for out_name, out in transform(name, tensor):
-                    writer.add(out_name, cast(out_name, out, target_dtype))
-        transform.check_complete()
-        for name, tensor in time_conditioning(config).items():
-            writer.add(name, tensor.to(target_dtype or source_dtype or torch.float32))
-        check_keys(writer.shapes, model_tensor_shapes(config), str(input_dir))
-        writer.finish()
-        write_package_files(work, config, input_dir, untrained_card(config, input_dir))
+        expected = saved_tensor_shapes(config)
+        new_tensors = time_conditioning(config)
+        convert_tensors(input_dir, work, duplicate_towers, expected, target_dtype, max_shard_size, str(input_dir),
+                        new_tensors)  # fmt: skip
+        write_model_files(work, config, input_dir, untrained_card(config, input_dir), target_dtype)
     return output_dir
 
 
 def untrained_card(config: TwoTowerConfig, source: Path) -> str:
-    parameters = sum(math.prod(shape) for shape, _ in model_tensor_shapes(config).values())
+    parameters = sum(math.prod(shape) for shape, _ in saved_tensor_shapes(config).values())
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation

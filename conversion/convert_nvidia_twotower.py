@@ -3,16 +3,18 @@
     python conversion/convert_nvidia_twotower.py --input RELEASE_DIR --output OUT_DIR [--dtype auto|bfloat16|float32]
         [--max-shard-size 5GB] [--overwrite] [--reverse]
 
-Release -> package writes a folder that loads with `TwoTowerForDiffusionLM.from_pretrained(OUT_DIR)`, or anywhere
-with `AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`:
+Release -> package writes exactly what `TwoTowerForDiffusionLM.save_pretrained` writes, so the folder loads with
+`TwoTowerForDiffusionLM.from_pretrained(OUT_DIR)`, or anywhere with
+`AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`:
 
-- `config.json`: a `TwoTowerConfig` with `auto_map` for AutoConfig, AutoModel and AutoModelForCausalLM;
+- `config.json`: a `TwoTowerConfig` with `auto_map` for AutoConfig and AutoModelForCausalLM, and the package's code;
 - `generation_config.json`: mask diffusion at the published operating point (block 16, 16 steps, threshold 0.8);
-- the weights in the model's layout (MoE experts stacked), sharded safetensors with an index;
-- the tokenizer files when the input has them, the package's modeling files, and a model card (README.md).
+- the weights under the release's names (the layout `save_pretrained` writes: one tensor per MoE expert), resharded
+  safetensors with an index, optionally cast;
+- the tokenizer files when the input has them, and a model card (README.md).
 
-`--reverse` writes the release layout back (one tensor per expert, a `nemotron_h` config). Release -> package ->
-release gives the same tensors bit for bit, dtypes included.
+`--reverse` writes the release's `nemotron_h` config back. Release -> package -> release gives the same tensors bit
+for bit, dtypes included.
 
 The conversion streams: it holds about one source shard and one output shard in memory, never the model. It writes
 into a temporary folder beside the output and moves it into place at the end, so a failed or interrupted run leaves
@@ -24,78 +26,20 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from checkpoint_io import (
+    DTYPES,
     CheckpointError,
-    ShardWriter,
-    SplitExperts,
-    StackExperts,
     atomic_output_dir,
-    check_index_matches_shards,
-    check_keys,
-    copy_package_code,
+    convert_tensors,
     copy_tokenizer_files,
-    list_shards,
-    parse_size,
-    read_tensors,
+    load_config,
+    resolve_dtype,
+    saved_tensor_shapes,
+    write_model_files,
 )
 from transformers import NemotronHConfig
 
-from transformers_twotower import TwoTowerConfig, TwoTowerForDiffusionLM, TwoTowerGenerationConfig
-
-
-AUTO_MAP = {
-    "AutoConfig": "configuration_twotower.TwoTowerConfig",
-    "AutoModel": "modeling_twotower.TwoTowerForDiffusionLM",
-    "AutoModelForCausalLM": "modeling_twotower.TwoTowerForDiffusionLM",
-}
-DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
-KEEP_FP32 = ("e_score_correction_bias",)  # the router's bias stays fp32, as the release and transformers keep it
-
-
-def load_config(input_dir: Path) -> TwoTowerConfig:
-    if not (input_dir / "config.json").is_file():
-        raise CheckpointError(f"{input_dir} has no config.json")
-    try:
-        return TwoTowerConfig.from_pretrained(input_dir)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{input_dir / 'config.json'}: {error}") from error
-
-
-def model_tensor_shapes(config: TwoTowerConfig) -> dict[str, tuple]:
-    """`{name: (shape, dtype)}` of the model's state dict, from a model built on the meta device."""
-    with torch.device("meta"):
-        model = TwoTowerForDiffusionLM(config)
-    return {name: (tensor.shape, tensor.dtype) for name, tensor in model.state_dict().items()}
-
-
-def release_tensor_shapes(config: TwoTowerConfig) -> dict[str, tuple]:
-    split = SplitExperts()
-    shapes = {}
-    for name, (shape, dtype) in model_tensor_shapes(config).items():
-        for out_name, out in split(name, torch.empty(shape, dtype=dtype, device="meta")):
-            shapes[out_name] = (out.shape, out.dtype)
-    return shapes
-
-
-def cast(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    if dtype is None or not tensor.is_floating_point() or any(k in name for k in KEEP_FP32):
-        return tensor
-    return tensor.to(dtype)
-
-
-def convert_tensors(input_dir: Path, work: Path, transform, expected: dict, dtype, max_shard_size, what: str):
-    """Stream every source tensor through `transform` into shards in `work`; check the result against `expected`."""
-    shards = list_shards(input_dir)
-    check_index_matches_shards(input_dir, shards)
-    writer = ShardWriter(work, parse_size(max_shard_size))
-    for shard in shards:
-        for name, tensor in read_tensors(shard):
-            for out_name, out in transform(name, tensor):
-                writer.add(out_name, cast(out_name, out, dtype))
-    transform.check_complete()
-    check_keys(writer.shapes, expected, what)
-    writer.finish()
+from transformers_twotower import TwoTowerConfig
 
 
 def model_card(config: TwoTowerConfig, source: str) -> str:
@@ -159,42 +103,18 @@ NVIDIA Open Model License, as the original release.
 """
 
 
-def resolve_dtype(dtype: str) -> torch.dtype | None:
-    if dtype not in DTYPES:
-        raise CheckpointError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
-
-
-def as_package_config(config: TwoTowerConfig, dtype: torch.dtype | None) -> TwoTowerConfig:
-    """The config a converted folder carries: this package's architecture, `auto_map` for remote code."""
-    config.architectures = ["TwoTowerForDiffusionLM"]
-    config.auto_map = dict(AUTO_MAP)
-    if dtype is not None:
-        config.dtype = dtype
-    return config
-
-
-def write_package_files(work: Path, config: TwoTowerConfig, source: Path, card: str):
-    """Everything but the weights: configs, tokenizer files, the package's code, the model card."""
-    config.save_pretrained(work)
-    TwoTowerGenerationConfig.from_model_config(config).save_pretrained(work)
-    copy_tokenizer_files(source, work)
-    copy_package_code(work)
-    (work / "README.md").write_text(card)
-
-
 def convert_release_to_package(
     input_dir, output_dir, dtype: str = "auto", max_shard_size: str | int = "5GB", overwrite: bool = False
 ) -> Path:
-    """NVIDIA's release layout -> this package's layout (see the module docstring). Returns the output folder."""
+    """NVIDIA's release layout -> this package's folder (see the module docstring). Returns the output folder."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     target_dtype = resolve_dtype(dtype)
-    config = as_package_config(load_config(input_dir), target_dtype)
+    config = load_config(input_dir)
     with atomic_output_dir(output_dir, overwrite) as work:
-        transform = StackExperts(config.n_routed_experts)
-        expected = model_tensor_shapes(config)
-        convert_tensors(input_dir, work, transform, expected, target_dtype, max_shard_size, str(input_dir))
-        write_package_files(work, config, input_dir, model_card(config, str(input_dir)))
+        # The release's tensor names are what `save_pretrained` writes: the tensors pass through as they are.
+        expected = saved_tensor_shapes(config)
+        convert_tensors(input_dir, work, lambda name: [name], expected, target_dtype, max_shard_size, str(input_dir))
+        write_model_files(work, config, input_dir, model_card(config, str(input_dir)), target_dtype)
     return output_dir
 
 
@@ -224,9 +144,11 @@ def convert_package_to_release(
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     target_dtype = resolve_dtype(dtype)
     config = load_config(input_dir)
+    if target_dtype is not None:
+        config.dtype = target_dtype
     with atomic_output_dir(output_dir, overwrite) as work:
-        expected = release_tensor_shapes(config)
-        convert_tensors(input_dir, work, SplitExperts(), expected, target_dtype, max_shard_size, str(input_dir))
+        expected = saved_tensor_shapes(config)
+        convert_tensors(input_dir, work, lambda name: [name], expected, target_dtype, max_shard_size, str(input_dir))
         # Python's json writes the bare `Infinity` the release's config.json has.
         (work / "config.json").write_text(json.dumps(release_config_dict(config), indent=2, sort_keys=True) + "\n")
         copy_tokenizer_files(input_dir, work)

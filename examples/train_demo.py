@@ -173,9 +173,7 @@ def main(argv=None):
     parser.add_argument("--denoiser-steps", type=int, default=800)
     args = parser.parse_args(argv)
 
-    from checkpoint_io import copy_package_code
     from convert_nemotron_h_to_twotower import convert_nemotron_h_to_twotower
-    from convert_nvidia_twotower import AUTO_MAP
     from transformers import NemotronHForCausalLM
 
     from transformers_twotower import TwoTowerForDiffusionLM, TwoTowerGenerationConfig
@@ -213,15 +211,19 @@ def main(argv=None):
         log["twotower_parameters"] = sum(p.numel() for p in model.parameters())
         train(model, data, args.denoiser_steps, args.batch_size, 1e-3, args.seed + 1, "denoiser", log)
 
-        # 4. Save: bf16 weights, tokenizer, generation config at the published operating point, code.
+        # 4. Save: bf16 weights, tokenizer, generation config at the published operating point. The demo ships inside
+        # the package and loads through it: no code copies, no `auto_map` (a Hub upload would keep both).
         output = Path(args.output)
         if output.exists():
             shutil.rmtree(output)
-        model.config.auto_map = dict(AUTO_MAP)
         model.generation_config = TwoTowerGenerationConfig.from_model_config(model.config)
         model.to(torch.bfloat16).save_pretrained(output)
         tokenizer.save_pretrained(output)
-        copy_package_code(output)
+        for code in output.glob("*.py"):
+            code.unlink()
+        config = json.loads((output / "config.json").read_text())
+        del config["auto_map"]
+        (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     log["total_minutes"] = (time.time() - started) / 60
     (output / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
     print(json.dumps(log, indent=2))

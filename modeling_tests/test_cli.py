@@ -54,12 +54,3 @@ def test_demo_model_runs_from_the_module_entry_point():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("def fibonacci(n):") and "--- mask_diffusion: 16 tokens" in result.stdout
-
-
-def test_demo_code_copies_match_the_package():
-    """The demo folder carries the package's modules for `trust_remote_code`; they must not drift from the package."""
-    package = DEMO_MODEL.parent
-    copies = sorted(p.name for p in DEMO_MODEL.glob("*.py"))
-    assert copies == sorted(p.name for p in package.glob("*_twotower.py"))
-    for name in copies:
-        assert (DEMO_MODEL / name).read_bytes() == (package / name).read_bytes(), f"demo/{name} is stale: re-copy it"

@@ -55,23 +55,63 @@ def converted(release_copy, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def saved(release_copy, tmp_path_factory) -> Path:
+    """The release loaded by the package and written by `save_pretrained`, with its tokenizer: a Hub-ready folder."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("saved") / "model"
+    TwoTowerForDiffusionLM.from_pretrained(release_copy).save_pretrained(folder, max_shard_size="500KB")
+    AutoTokenizer.from_pretrained(release_copy).save_pretrained(folder)
+    return folder
+
+
+PACKAGE_CODE = {
+    "backbone_twotower.py",
+    "configuration_twotower.py",
+    "context_twotower.py",
+    "denoiser_twotower.py",
+    "generation_twotower.py",
+    "modeling_twotower.py",
+    "sampling_twotower.py",
+}
+
+
+def tensor_shapes(folder: Path) -> dict[str, tuple]:
+    return {name: tuple(tensor.shape) for name, tensor in all_tensors(folder).items()}
+
+
 # --- release -> package -----------------------------------------------------------------------------------------------
+
+
+def test_save_pretrained_writes_the_release_layout_and_the_code(saved):
+    """`save_pretrained` writes the release's tensor names (one per expert), the package's code and `auto_map`."""
+    assert tensor_shapes(saved) == tensor_shapes(RELEASE_FIXTURE)
+    assert {p.name for p in saved.glob("*.py")} == PACKAGE_CODE
+    config = json.loads((saved / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_twotower.TwoTowerConfig",
+        "AutoModelForCausalLM": "modeling_twotower.TwoTowerForDiffusionLM",
+    }
+
+
+def test_converted_folder_is_what_save_pretrained_writes(converted, saved):
+    """A user cannot tell a converted folder from a saved one: same tensors (names, shapes), code, configs."""
+    assert tensor_shapes(converted) == tensor_shapes(saved)
+    assert {p.name for p in converted.glob("*.py")} == PACKAGE_CODE
+    for name in PACKAGE_CODE:
+        assert (converted / name).read_bytes() == (saved / name).read_bytes(), name
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((converted / name).read_text()) == json.loads((saved / name).read_text()), name
 
 
 def test_converted_folder_layout(converted):
     names = {p.name for p in converted.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors.index.json", "README.md"} <= names
     assert {"tokenizer.json", "tokenizer_config.json"} <= names
-    assert {
-        "modeling_twotower.py",
-        "configuration_twotower.py",
-        "cache_twotower.py",
-        "generation_twotower.py",
-    } <= names
     assert len(list(converted.glob("model-*-of-*.safetensors"))) > 1
     config = json.loads((converted / "config.json").read_text())
     assert config["model_type"] == "twotower" and config["architectures"] == ["TwoTowerForDiffusionLM"]
-    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
     generation = json.loads((converted / "generation_config.json").read_text())
     assert (generation["block_size"], generation["steps_per_block"], generation["confidence_threshold"]) == (
         16,
@@ -81,8 +121,8 @@ def test_converted_folder_layout(converted):
     card = (converted / "README.md").read_text()
     assert card.startswith("---\n") and "license:" in card and "pipeline_tag: text-generation" in card
     tensors = all_tensors(converted)
-    assert tensors["context_tower.layers.1.mixer.experts.up_proj"].shape == (8, 32, 64)  # stacked
-    assert tensors["context_tower.layers.1.mixer.experts.up_proj"].dtype == torch.bfloat16  # dtype auto keeps bf16
+    assert tensors["context_tower.layers.1.mixer.experts.7.up_proj.weight"].shape == (32, 64)  # one per expert
+    assert tensors["context_tower.layers.1.mixer.experts.7.up_proj.weight"].dtype == torch.bfloat16  # auto keeps bf16
     assert tensors["context_tower.layers.1.mixer.gate.e_score_correction_bias"].dtype == torch.float32
 
 
@@ -113,12 +153,11 @@ REMOTE_CODE_CHECK = textwrap.dedent(
     assert importlib.util.find_spec("transformers_twotower") is None, "the package must not be importable here"
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, pipeline
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline
 
     folder, fixture = sys.argv[1], sys.argv[2]
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     assert type(config).__name__ == "TwoTowerConfig"
-    assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__ == "TwoTowerForDiffusionLM"
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
     assert "transformers_twotower" not in sys.modules and "transformers_modules" in type(model).__module__
 
@@ -146,10 +185,11 @@ REMOTE_CODE_CHECK = textwrap.dedent(
 )
 
 
-def test_loads_anywhere_with_trust_remote_code(converted, tmp_path):
+def test_a_saved_folder_loads_anywhere_with_trust_remote_code(saved, tmp_path):
+    """What `save_pretrained` writes (and so what the conversion writes) runs where this package is not installed."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
     result = subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE_CHECK, str(converted), str(RELEASE_FIXTURE)],
+        [sys.executable, "-c", REMOTE_CODE_CHECK, str(saved), str(RELEASE_FIXTURE)],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0 and "remote code OK" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
@@ -174,6 +214,9 @@ def test_nemotron_h_to_twotower(nemotron_h, tmp_path):
     out = convert_nemotron_h_to_twotower(folder, tmp_path / "twotower", mask_token_id=3, block_size=4)
     model = TwoTowerForDiffusionLM.from_pretrained(out).eval()
     assert (model.config.mask_token_id, model.config.block_size) == (3, 4)
+    model.save_pretrained(tmp_path / "saved")
+    assert tensor_shapes(out) == tensor_shapes(tmp_path / "saved"), "the folder save_pretrained would write"
+    assert {p.name for p in out.glob("*.py")} == PACKAGE_CODE
     align_dt_clamp(backbone, model.config.time_step_limit)
     ids = torch.randint(4, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -189,7 +232,7 @@ def test_nemotron_h_to_twotower(nemotron_h, tmp_path):
     # The time conditioning can learn: t_block's gradient is not zero.
     model.train()
     model(ids, labels=ids).loss.backward()
-    assert model.t_block[1].weight.grad.abs().sum() > 0
+    assert model.denoiser_tower.adaln.t_block[1].weight.grad.abs().sum() > 0
 
 
 # --- errors -----------------------------------------------------------------------------------------------------------
@@ -265,7 +308,7 @@ def break_missing_expert(folder):
         return tensors
 
     rewrite_shard(folder, edit)
-    return "expert tensors missing"
+    return r"1 missing: \S+\.mixer\.experts\.3\.up_proj\.weight"
 
 
 def break_index(folder):
