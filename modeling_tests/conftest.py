@@ -93,6 +93,17 @@ def nemotron_h_from_context_tower(model):
     return align_dt_clamp(reference, model.config.time_step_limit)
 
 
+def denoiser_as_context_copy(model):
+    """Give the denoiser the context tower's weights and head. Without time conditioning it then computes what the
+    context tower computes: Mock-AR's logits (the last token re-read one token behind) are the AR next-token logits."""
+    state = {k: v for k, v in model.context_tower.state_dict().items() if not k.startswith("lm_head.")}
+    missing, unexpected = model.denoiser_tower.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("adaln.") for k in missing), (missing, unexpected)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.context_tower.lm_head.weight)
+    return model
+
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<mask>"]  # ids 0..3, as in the release
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import left_pad, nemotron_h_from_context_tower, tiny_model, word_tokenizer
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from transformers_twotower import TwoTowerCache, TwoTowerContextTower, TwoTowerGenerationConfig
 
@@ -107,8 +107,13 @@ def test_max_new_tokens_need_not_fill_the_last_block(model):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_one_token_prompt(model, mode):
-    out = model.generate(torch.tensor([[1]]), generation_mode=mode, max_new_tokens=5, eos_token_id=None, **DIFFUSION)
-    assert out.shape == (1, 6) and out[0, 0] == 1 and (out[0, 1:] != 3).all()
+    """A one-token prompt generates what it generates as a row of a batch whose other row is longer (left padding)."""
+    ids, mask = left_pad([[1], prompts(model, [5])[0]])
+    kwargs = dict(generation_mode=mode, max_new_tokens=5, eos_token_id=None, **DIFFUSION)
+    alone = model.generate(ids[:1, -1:], **kwargs)
+    batch = model.generate(ids, attention_mask=mask, **kwargs)
+    assert alone.shape == (1, 6) and (alone[0, 1:] != 3).all()
+    assert alone[0, 1:].tolist() == batch[0, 5:].tolist()
 
 
 def test_ar_mode_equals_transformers_nemotron_h_generate(model):
@@ -299,3 +304,11 @@ def test_generation_config_is_saved_with_the_model(model, tmp_path):
     assert isinstance(loaded.generation_config, TwoTowerGenerationConfig)
     assert (loaded.generation_config.steps_per_block, loaded.generation_config.confidence_threshold) == (8, 0.7)
     assert loaded.generation_config.mask_token_id == 3 and loaded.generation_config.block_size == 4
+
+
+def test_generation_config_round_trip(tmp_path):
+    config = TwoTowerGenerationConfig(generation_mode="mock_ar", steps_per_block=8, confidence_threshold=1.01)
+    config.save_pretrained(tmp_path)
+    loaded = TwoTowerGenerationConfig.from_pretrained(tmp_path)
+    assert (loaded.generation_mode, loaded.steps_per_block, loaded.confidence_threshold) == ("mock_ar", 8, 1.01)
+    assert isinstance(loaded, GenerationConfig)

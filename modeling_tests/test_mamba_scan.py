@@ -1,14 +1,22 @@
-"""The denoiser's context-seeded Mamba scan against a naive per-token recurrence written here."""
+"""The seeded Mamba scan both towers share (the denoiser from the context's state, the context tower extending by a
+block), and the `dt` clamp, against a naive per-token recurrence written here."""
+
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import RELEASE_FIXTURE, tiny_model
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
 
 
-def naive_seeded_mixer(mixer, hidden, conv_history, ssm_state):
-    """Mamba-2 over a block, one token at a time, from a context's conv history and SSM state."""
+# The release's clamp of the Mamba dt, read from its config.json ([0.0, Infinity]: no clamp), never from the code.
+RELEASE_TIME_STEP_LIMIT = tuple(json.loads((RELEASE_FIXTURE / "config.json").read_text())["time_step_limit"])
+
+
+def naive_seeded_mixer(mixer, hidden, conv_history, ssm_state, time_step_limit=RELEASE_TIME_STEP_LIMIT):
+    """Mamba-2 over a block, one token at a time, from a context's conv history and SSM state; `dt` clamped to
+    `time_step_limit`."""
     batch, length, _ = hidden.shape
     heads, head_dim, groups, state_size = mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size
     d_inner = heads * head_dim
@@ -25,7 +33,7 @@ def naive_seeded_mixer(mixer, hidden, conv_history, ssm_state):
     x = x.view(batch, length, heads, head_dim)
     B = B.view(batch, length, groups, state_size)
     C = C.view(batch, length, groups, state_size)
-    dt = F.softplus(dt + mixer.dt_bias).clamp(*mixer.time_step_limit)
+    dt = F.softplus(dt + mixer.dt_bias).clamp(*time_step_limit)
     A = -torch.exp(mixer.A_log)
 
     state = ssm_state.clone()  # (B, heads, head_dim, state)
@@ -79,9 +87,28 @@ def test_seed_matters():
     assert (seeded - unseeded).abs().max() > 1e-3
 
 
-def test_dt_clamp_follows_time_step_limit():
-    """transformers clamps dt at `time_step_min`; TwoTower honours `time_step_limit` instead."""
-    model = tiny_model(time_step_limit=(0.0, float("inf")), time_step_min=0.05)
-    assert model.context_tower.layers[0].mixer.time_step_limit == (0.0, float("inf"))
-    clamped = tiny_model(time_step_limit=(0.05, 0.06))
-    assert clamped.denoiser_tower.layers[0].mixer.time_step_limit == (0.05, 0.06)
+@pytest.mark.parametrize("tower", ["context_tower", "denoiser_tower"])
+def test_dt_is_clamped_by_the_release_time_step_limit_not_time_step_min(tower):
+    """transformers' Nemotron-H clamps dt from below at `time_step_min`; the release applies its `time_step_limit`
+    ([0, inf]: no clamp). With every dt far below `time_step_min`, the seeded scan and Nemotron-H's own forward must
+    follow the recurrence under the release's limit, which differs measurably from one under `time_step_min`."""
+    assert RELEASE_TIME_STEP_LIMIT == (0.0, float("inf"))
+    model = tiny_model(time_step_min=0.01)
+    mixer = getattr(model, tower).layers[0].mixer
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 6, model.config.hidden_size, generator=generator)
+    conv_history = torch.randn(2, mixer.conv_dim, mixer.conv_kernel_size - 1, generator=generator)
+    ssm_state = torch.randn(2, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, generator=generator)
+    zero_conv, zero_ssm = torch.zeros_like(conv_history), torch.zeros_like(ssm_state)
+    with torch.no_grad():
+        mixer.dt_bias.fill_(-8.0)  # softplus(-8 + small) ~ 3e-4, far below time_step_min
+        release = naive_seeded_mixer(mixer, hidden, conv_history, ssm_state)
+        clamped = naive_seeded_mixer(mixer, hidden, conv_history, ssm_state, (0.01, float("inf")))
+        assert (release[0] - clamped[0]).abs().max() > 1e-3, "the clamp must matter for this test to mean anything"
+        seeded, _, seeded_state = mixer.seeded_scan(hidden, conv_history, ssm_state)
+        torch.testing.assert_close(seeded, release[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(seeded_state, release[2], rtol=1e-4, atol=1e-5)
+        from_zero = NemotronHMamba2Mixer.forward(mixer, hidden)  # transformers' code path, no cache
+        torch.testing.assert_close(
+            from_zero, naive_seeded_mixer(mixer, hidden, zero_conv, zero_ssm)[0], rtol=1e-4, atol=1e-5
+        )

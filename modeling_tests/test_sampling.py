@@ -1,7 +1,6 @@
 """The commit rule and the prediction step on hand-made tensors, and the block loop on a mock model."""
 
 import torch
-from transformers import GenerationConfig
 
 from transformers_twotower import TwoTowerGenerationMixin
 from transformers_twotower.generation_twotower import TwoTowerGenerationConfig
@@ -122,11 +121,3 @@ def test_committed_tokens_never_change_and_every_block_is_filled():
     assert (out.sequences[:, 3:] != 3).all() and out.sequences.shape == (2, 11)
     assert [c for c in model.calls if c[0] != "denoise"] == [("prefill", 3), ("extend", 4)]
     assert out.nfe.tolist() == [len([h for h in history if h["t"][i] > 0]) for i in range(2)]
-
-
-def test_generation_config_round_trip(tmp_path):
-    config = TwoTowerGenerationConfig(generation_mode="mock_ar", steps_per_block=8, confidence_threshold=1.01)
-    config.save_pretrained(tmp_path)
-    loaded = TwoTowerGenerationConfig.from_pretrained(tmp_path)
-    assert (loaded.generation_mode, loaded.steps_per_block, loaded.confidence_threshold) == ("mock_ar", 8, 1.01)
-    assert isinstance(loaded, GenerationConfig)

@@ -1,4 +1,5 @@
-"""Conversion scripts: release <-> package, Nemotron-H -> TwoTower, trust_remote_code loading, and their errors."""
+"""Checkpoints: save_pretrained / from_pretrained, the conversion scripts (release <-> package, Nemotron-H ->
+TwoTower), trust_remote_code loading, and the conversions' errors. Every folder has one layout, the release's."""
 
 import json
 import os
@@ -79,6 +80,32 @@ PACKAGE_CODE = {
 
 def tensor_shapes(folder: Path) -> dict[str, tuple]:
     return {name: tuple(tensor.shape) for name, tensor in all_tensors(folder).items()}
+
+
+# --- save_pretrained / from_pretrained ------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    # Saved in the release's layout: one tensor per expert, time conditioning at the top level.
+    assert "denoiser_tower.layers.2.mixer.experts.3.up_proj.weight" in names
+    assert "scale_shift_tables.7" in names and "t_block.1.weight" in names and "context_lm_head.weight" in names
+    loaded, info = TwoTowerForDiffusionLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    loaded.eval()
+    assert not any(p.requires_grad for p in loaded.context_tower.parameters())
+    ids = torch.randint(4, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    block = torch.tensor([[3, 3, 5, 3], [3, 9, 3, 3]])
+    t = torch.tensor([0.75, 0.75])
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    torch.testing.assert_close(
+        loaded.denoise_step(block, loaded.prefill(ids), t),
+        model.denoise_step(block, model.prefill(ids), t),
+        rtol=0,
+        atol=0,
+    )
 
 
 # --- release -> package -----------------------------------------------------------------------------------------------

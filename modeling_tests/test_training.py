@@ -1,0 +1,116 @@
+"""Training: the block-wise masked-diffusion loss against inference, its masking, and what it trains."""
+
+import torch
+from conftest import tiny_model
+
+
+def clean_ids(model, batch, length, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    # Ids >= 4 avoid the special ids (mask is 3).
+    return torch.randint(4, model.config.vocab_size, (batch, length), generator=generator)
+
+
+def test_training_forward_equals_inference(model):
+    """Block b's training logits == `denoise_step` on the same noisy block after `prefill` of the clean prefix,
+    including a trailing partial block (its missing positions are invisible padding)."""
+    S = model.config.block_size
+    ids = clean_ids(model, 2, 3 * S + 2)
+    noise = torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    noise[:, 0] = True
+    out = model(ids, labels=ids, noise_mask=noise)
+    noisy = ids.masked_fill(noise, model.config.mask_token_id)
+    for b in range(1, 4):
+        span = slice(b * S, min((b + 1) * S, ids.shape[1]))
+        t = noise[:, span].float().sum(-1) / S
+        expected = model.denoise_step(noisy[:, span], model.prefill(ids[:, : b * S]), t)
+        torch.testing.assert_close(out.logits[:, span], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_later_blocks_change_nothing_in_earlier_ones(model):
+    S = model.config.block_size
+    ids = clean_ids(model, 1, 3 * S)
+    noise = torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) < 0.5
+    base = model(ids, labels=ids, noise_mask=noise).logits
+    changed_ids, changed_noise = ids.clone(), noise.clone()
+    changed_ids[:, 2 * S :] = clean_ids(model, 1, S, seed=5)
+    changed_noise[:, 2 * S :] = ~noise[:, 2 * S :]
+    changed = model(changed_ids, labels=changed_ids, noise_mask=changed_noise).logits
+    # Identical up to float summation order (experts batch tokens differently).
+    torch.testing.assert_close(changed[:, : 2 * S], base[:, : 2 * S], rtol=0, atol=1e-6)
+    assert (changed[:, 2 * S :] - base[:, 2 * S :]).abs().max() > 1e-3
+
+
+def test_loss_is_cross_entropy_on_masked_positions_only(model):
+    ids = clean_ids(model, 2, 8)
+    labels = ids.clone()
+    labels[:, :2] = -100  # a prompt: never masked, never scored
+    noise = torch.zeros_like(ids, dtype=torch.bool)
+    noise[:, [1, 3, 6]] = True
+    out = model(ids, labels=labels, noise_mask=noise)
+    scored = noise & (labels != -100)
+    expected = torch.nn.functional.cross_entropy(out.logits[scored], labels[scored])
+    torch.testing.assert_close(out.loss, expected)
+    # The -100 position 1 stayed clean: masking it by hand changes the logits.
+    forced = model(ids.masked_fill(torch.arange(8) == 1, 3), labels=labels, noise_mask=noise)
+    assert (forced.logits - out.logits).abs().max() > 1e-4
+
+
+def test_noise_is_seedable(model):
+    ids = clean_ids(model, 2, 12)
+    draw = lambda seed: model.diffusion_loss(ids, ids, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    loss_a, _, mask_a = draw(0)
+    loss_b, _, mask_b = draw(0)
+    _, _, mask_c = draw(1)
+    assert torch.equal(mask_a, mask_b) and loss_a == loss_b
+    assert not torch.equal(mask_a, mask_c)
+
+
+def test_loss_trains_the_denoiser_only_and_goes_down():
+    model = tiny_model().train()
+    ids = clean_ids(model, 2, 12)
+    noise = torch.rand(ids.shape, generator=torch.Generator().manual_seed(3)) < 0.6
+    context_before = {k: v.clone() for k, v in model.context_tower.state_dict().items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = model(ids, labels=ids, noise_mask=noise).loss
+        optimizer.zero_grad()
+        loss.backward()
+        if not losses:
+            assert all(p.grad is None for p in model.context_tower.parameters())
+            assert all(p.grad is None for p in model.context_tower.lm_head.parameters())
+            assert model.denoiser_tower.layers[0].mixer.in_proj.weight.grad.abs().sum() > 0
+            assert model.denoiser_tower.adaln.t_embedder.mlp[0].weight.grad.abs().sum() > 0
+            assert model.denoiser_tower.adaln.scale_shift_tables[3].grad.abs().sum() > 0
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    for k, v in model.context_tower.state_dict().items():
+        assert torch.equal(v, context_before[k]), k
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    ids = None
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model().train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+            assert model.denoiser_tower.layers[0].gradient_checkpointing
+        calls = []
+        model.denoiser_tower.layers[0].mixer.in_proj.register_forward_hook(lambda *_: calls.append(1))
+        ids = clean_ids(model, 2, 8) if ids is None else ids
+        noise = torch.rand(ids.shape, generator=torch.Generator().manual_seed(4)) < 0.5
+        loss = model(ids, labels=ids, noise_mask=noise).loss
+        loss.backward()
+        assert len(calls) == (2 if checkpointing else 1), "the backward pass recomputes checkpointed layers"
+        results.append(
+            (
+                loss.detach(),
+                model.denoiser_tower.adaln.t_embedder.mlp[0].weight.grad.clone(),
+                model.lm_head.weight.grad.clone(),
+            )
+        )
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
