@@ -11,12 +11,14 @@
   config, the package's code), plus the tokenizer files and a model card.
 """
 
+import argparse
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -317,3 +319,26 @@ def convert_tensors(
         writer.add(name, tensor.to(dtype or source_dtype or torch.float32))
     check_keys(writer.shapes, expected, what)
     writer.finish()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command lines
+
+
+def add_output_arguments(parser: argparse.ArgumentParser):
+    """The options every conversion shares: where to write, in which dtype, in shards of which size."""
+    parser.add_argument("--output", required=True, help="folder to write (must be empty unless --overwrite)")
+    parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="auto keeps the source dtypes")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+
+def run_conversion(convert: Callable[[], Path]) -> int:
+    """Run a conversion for a command line: 0 and the output folder, or 1 and the one-line reason."""
+    try:
+        output = convert()
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {output}")
+    return 0

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 from checkpoint_io import (
-    DTYPES,
     CheckpointError,
+    add_output_arguments,
     atomic_output_dir,
     convert_tensors,
     load_config,
     resolve_dtype,
+    run_conversion,
     saved_tensor_shapes,
     write_model_files,
 )
@@ -117,15 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--input", required=True, help="Nemotron-H checkpoint folder (transformers' nemotron_h layout)"
     )
-    parser.add_argument("--output", required=True, help="folder to write (must be empty unless --overwrite)")
     parser.add_argument("--mask-token-id", type=int, default=3)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="auto keeps the source dtypes")
-    parser.add_argument("--max-shard-size", default="5GB")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        output = convert_nemotron_h_to_twotower(
+    return run_conversion(
+        lambda: convert_nemotron_h_to_twotower(
             args.input,
             args.output,
             args.mask_token_id,
@@ -133,12 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             args.dtype,
             args.max_shard_size,
             args.overwrite,
-        )
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {output}")
-    return 0
+        )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":

@@ -27,13 +27,13 @@ import sys
 from pathlib import Path
 
 from checkpoint_io import (
-    DTYPES,
-    CheckpointError,
+    add_output_arguments,
     atomic_output_dir,
     convert_tensors,
     copy_tokenizer_files,
     load_config,
     resolve_dtype,
+    run_conversion,
     saved_tensor_shapes,
     write_model_files,
 )
@@ -103,19 +103,29 @@ NVIDIA Open Model License, as the original release.
 """
 
 
-def convert_release_to_package(
-    input_dir, output_dir, dtype: str = "auto", max_shard_size: str | int = "5GB", overwrite: bool = False
-) -> Path:
-    """NVIDIA's release layout -> this package's folder (see the module docstring). Returns the output folder."""
+def copy_checkpoint(input_dir, output_dir, dtype: str, max_shard_size: str | int, overwrite: bool, write_files):
+    """Both directions: the tensor names are the same in the release and in this package's folders (the layout
+    `save_pretrained` writes), so the tensors pass through as they are, resharded and perhaps cast; only the files
+    around them (`write_files(work, config, input_dir, dtype)`) differ."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     target_dtype = resolve_dtype(dtype)
     config = load_config(input_dir)
     with atomic_output_dir(output_dir, overwrite) as work:
-        # The release's tensor names are what `save_pretrained` writes: the tensors pass through as they are.
         expected = saved_tensor_shapes(config)
         convert_tensors(input_dir, work, lambda name: [name], expected, target_dtype, max_shard_size, str(input_dir))
-        write_model_files(work, config, input_dir, model_card(config, str(input_dir)), target_dtype)
+        write_files(work, config, input_dir, target_dtype)
     return output_dir
+
+
+def convert_release_to_package(
+    input_dir, output_dir, dtype: str = "auto", max_shard_size: str | int = "5GB", overwrite: bool = False
+) -> Path:
+    """NVIDIA's release layout -> this package's folder (see the module docstring). Returns the output folder."""
+
+    def package_files(work, config, source, target_dtype):
+        write_model_files(work, config, source, model_card(config, str(source)), target_dtype)
+
+    return copy_checkpoint(input_dir, output_dir, dtype, max_shard_size, overwrite, package_files)
 
 
 def release_config_dict(config: TwoTowerConfig) -> dict:
@@ -140,38 +150,26 @@ def release_config_dict(config: TwoTowerConfig) -> dict:
 def convert_package_to_release(
     input_dir, output_dir, dtype: str = "auto", max_shard_size: str | int = "5GB", overwrite: bool = False
 ) -> Path:
-    """This package's layout -> NVIDIA's release layout (one tensor per expert, a `nemotron_h` config)."""
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
-    target_dtype = resolve_dtype(dtype)
-    config = load_config(input_dir)
-    if target_dtype is not None:
-        config.dtype = target_dtype
-    with atomic_output_dir(output_dir, overwrite) as work:
-        expected = saved_tensor_shapes(config)
-        convert_tensors(input_dir, work, lambda name: [name], expected, target_dtype, max_shard_size, str(input_dir))
+    """This package's layout -> NVIDIA's release layout (a `nemotron_h` config, no code). Returns the output folder."""
+
+    def release_files(work, config, source, target_dtype):
+        if target_dtype is not None:
+            config.dtype = target_dtype
         # Python's json writes the bare `Infinity` the release's config.json has.
         (work / "config.json").write_text(json.dumps(release_config_dict(config), indent=2, sort_keys=True) + "\n")
-        copy_tokenizer_files(input_dir, work)
-    return output_dir
+        copy_tokenizer_files(source, work)
+
+    return copy_checkpoint(input_dir, output_dir, dtype, max_shard_size, overwrite, release_files)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="checkpoint folder to read")
-    parser.add_argument("--output", required=True, help="folder to write (must be empty unless --overwrite)")
-    parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="auto keeps the source dtypes")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    add_output_arguments(parser)
     parser.add_argument("--reverse", action="store_true", help="this package's layout -> NVIDIA's release layout")
     args = parser.parse_args(argv)
     convert = convert_package_to_release if args.reverse else convert_release_to_package
-    try:
-        output = convert(args.input, args.output, args.dtype, args.max_shard_size, args.overwrite)
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {output}")
-    return 0
+    return run_conversion(lambda: convert(args.input, args.output, args.dtype, args.max_shard_size, args.overwrite))
 
 
 if __name__ == "__main__":
