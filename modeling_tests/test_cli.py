@@ -47,7 +47,9 @@ def test_bench_synthetic_small(capsys):
 
 
 def test_demo_model_runs_from_the_module_entry_point():
+    """The demo holds weights, configs and a tokenizer only; it loads through the package, not as remote code."""
     assert (DEMO_MODEL / "config.json").is_file() and (DEMO_MODEL / "train_log.json").is_file()
+    assert not list(DEMO_MODEL.glob("*.py")) and "auto_map" not in json.loads((DEMO_MODEL / "config.json").read_text())
     result = subprocess.run(
         [sys.executable, "-m", "transformers_twotower", "generate", "def fibonacci(n):", "--max-new-tokens", "16"],
         capture_output=True, text=True, timeout=300,
