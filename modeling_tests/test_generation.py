@@ -134,8 +134,15 @@ def test_return_dict_and_history(model):
     assert out.nfe.shape == (2,) and out.tokens_per_forward.shape == (2,)
     torch.testing.assert_close(out.tokens_per_forward, 8 / out.nfe.float())
     assert len(out.history) == int(out.nfe.max())
-    assert {"block", "step", "tokens", "t", "committed"} <= set(out.history[0])
+    assert set(out.history[0]) == {"block", "step", "tokens", "t", "committed"}  # no logits kept
     assert torch.equal(out.history[0]["t"], torch.ones(2))
+    # `step_callback` is the same observer, with the logits.
+    seen = []
+    model.generate(ids, max_new_tokens=8, eos_token_id=None, step_callback=seen.append, **DIFFUSION)
+    assert len(seen) == len(out.history)
+    for step, recorded in zip(seen, out.history):
+        assert torch.equal(step.tokens, recorded.tokens) and torch.equal(step.committed, recorded.committed)
+        assert step.logits.shape == (2, 4, model.config.vocab_size)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -224,6 +231,9 @@ def test_stopping_criteria_and_logits_processor_work(model):
         (dict(assistant_model=object()), "assistant_model"),
         (dict(repetition_penalty=1.2), "repetition_penalty"),
         (dict(output_scores=True), "output_scores"),
+        (dict(min_new_tokens=3), "min_new_tokens"),
+        (dict(low_memory=True), "low_memory"),  # any field outside the allow-list, not only a listed few
+        (dict(generation_mode="ar", step_callback=print), "step_callback"),
         (dict(use_cache=False), "use_cache"),
         (dict(not_an_argument=1), "not_an_argument"),
         (dict(block_size=0), "block_size"),
