@@ -44,8 +44,8 @@ def held_out_windows(tokenizer, modules: list[str], count: int) -> tuple[torch.T
     for name in modules:
         path = root / name
         if path.is_file():
-            ids = tokenizer(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False).input_ids
-            streams.append([tokenizer.bos_token_id, *ids])
+            # The tokenizer puts BOS first, as training and the pipeline see a text.
+            streams.append(tokenizer(path.read_text(encoding="utf-8", errors="replace")).input_ids)
     span = PROMPT_TOKENS + CONTINUATION_TOKENS
     starts = [(s, i) for s, ids in enumerate(streams) for i in range(0, len(ids) - span, span)]
     if len(starts) < count:

@@ -50,11 +50,16 @@ def load_text_rows(path: str, text_field: str) -> list[str]:
 
 def build_dataset(tokenizer, path: str, seq_len: int, block_size: int, text_field: str = "text") -> Dataset:
     texts = [t for t in load_text_rows(path, text_field) if t]
-    token_rows = [
-        [tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
-        for t in texts
-    ]
-    return pack_for_diffusion(token_rows, seq_len, block_size)
+    return pack_for_diffusion([with_bos_and_eos(tokenizer, t) for t in texts], seq_len, block_size)
+
+
+def with_bos_and_eos(tokenizer, text: str) -> list[int]:
+    """`<s> text </s>`: the tokenizer's own special tokens (the demo's adds BOS itself), BOS added where it adds none."""
+    ids = tokenizer(text).input_ids
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:1] != [bos]:
+        ids = [bos, *ids]
+    return [*ids, tokenizer.eos_token_id]
 
 
 def main(argv=None):

@@ -55,7 +55,7 @@ def read(path: Path) -> str:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
@@ -69,16 +69,22 @@ def train_tokenizer(texts: list[str], vocab_size: int):
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer)
+    # BOS comes from the tokenizer itself (as Llama-style tokenizers do), so the pipeline, the command line, the
+    # benchmark and the training data all begin a text the same way.
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B:1", special_tokens=[("<s>", bos)]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", mask_token="<mask>"
     )
 
 
 def pack(tokenizer, texts: list[str], length: int) -> torch.Tensor:
-    """`<s> file </s>` for every file, concatenated and cut into rows of `length` tokens."""
+    """`<s> file </s>` for every file (the tokenizer adds `<s>`), concatenated and cut into rows of `length` tokens."""
     ids = []
     for text in texts:
-        ids += [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+        ids += [*tokenizer(text).input_ids, tokenizer.eos_token_id]
     rows = len(ids) // length
     return torch.tensor(ids[: rows * length]).view(rows, length)
 

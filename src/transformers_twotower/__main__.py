@@ -1,7 +1,7 @@
 """Command line: `python -m transformers_twotower generate "def fibonacci(n):"` and `... bench`.
 
     generate PROMPT [--model DIR] [--mode mask_diffusion|mock_ar|ar] [--threshold 0.8] [--block-size 16] [--steps 16]
-                    [--max-new-tokens 128] [--device cpu] [--dtype auto|float32|bfloat16]
+                    [--max-new-tokens 128 | --max-length N] [--device cpu] [--dtype auto|float32|bfloat16]
     bench [...]     the demo benchmark (benchmarks/bench_demo.py, from a checkout of the repository)
 
 Without `--model`, `generate` uses the small demo TwoTower bundled with the package (trained on Python source).
@@ -19,6 +19,19 @@ MODES = ("mask_diffusion", "mock_ar", "ar")
 DTYPES = ("auto", "float32", "bfloat16")
 
 
+def check_device(device: str):
+    """A one-line error for a device this machine does not have (or torch does not know)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise SystemExit(f"error: --device {device!r} is not a device torch knows (e.g. cpu, cuda, cuda:1, mps)")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(kind, False):
+        raise SystemExit(f"error: --device {device}, but this machine has no {kind.upper()} device torch can use")
+
+
 def load(model_dir: str | Path, device: str, dtype: str):
     """Tokenizer and model from a folder, with errors that say what is missing."""
     import torch
@@ -31,8 +44,7 @@ def load(model_dir: str | Path, device: str, dtype: str):
         raise SystemExit(f"error: no TwoTower model in {folder} (no config.json); pass --model DIR")
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         raise SystemExit(f"error: {folder} has no tokenizer files")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {device} but CUDA is not available")
+    check_device(device)
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     else:
@@ -43,24 +55,26 @@ def load(model_dir: str | Path, device: str, dtype: str):
 
 
 def generate(args) -> int:
-    import torch
     from transformers import TextStreamer
 
     tokenizer, model = load(args.model, args.device, args.dtype)
-    ids = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1).to(args.device)
-    streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
-    start = time.perf_counter()
-    out = model.generate(
-        ids,
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(
+        args.device
+    )  # the tokenizer adds BOS, as in training
+    lengths = {"max_new_tokens": args.max_new_tokens} if args.max_length is None else {"max_length": args.max_length}
+    options = dict(
         generation_mode=args.mode,
-        max_new_tokens=args.max_new_tokens,
         block_size=args.block_size,
         steps_per_block=args.steps,
         confidence_threshold=args.threshold,
-        streamer=streamer,
-        return_dict_in_generate=True,
+        **lengths,
     )
+    # A short run first: transformers' one-time notices (which kernels fall back to PyTorch) go to stderr now, not
+    # into the streamed text. It also checks the options before anything is printed.
+    model.generate(ids[:, :1], **{**options, "max_new_tokens": 2 * args.block_size, "max_length": None})
+    streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
+    start = time.perf_counter()
+    out = model.generate(ids, streamer=streamer, return_dict_in_generate=True, **options)
     seconds = time.perf_counter() - start
     new_tokens = out.sequences.shape[1] - ids.shape[1]
     print(
@@ -91,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--threshold", type=float, default=0.8, help="confidence threshold (mask diffusion)")
     gen.add_argument("--block-size", type=int, default=16)
     gen.add_argument("--steps", type=int, default=16, help="denoiser steps per block at most")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
+    lengths = gen.add_mutually_exclusive_group()
+    lengths.add_argument("--max-new-tokens", type=int, default=128)
+    lengths.add_argument("--max-length", type=int, help="prompt + generated tokens (instead of --max-new-tokens)")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     args = parser.parse_args(argv)

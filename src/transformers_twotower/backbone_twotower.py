@@ -30,7 +30,7 @@ class TwoTowerPreTrainedModel(NemotronHPreTrainedModel):
     config_class = TwoTowerConfig
     config: TwoTowerConfig
     base_model_prefix = "denoiser_tower"
-    _no_split_modules = ["TwoTowerBlock"]
+    _no_split_modules = ["TwoTowerContextBlock", "TwoTowerDenoiserBlock"]
     _supports_flash_attn = False
     _supports_flash_attn_2 = False
     _supports_flex_attn = False

@@ -159,6 +159,7 @@ class TwoTowerCache(DynamicCache):
         """A copy of the Mamba states (the cache updates them in place)."""
         return {i: (conv.clone(), ssm.clone()) for i, (conv, ssm) in self.mamba_states().items()}
 
+    @torch.compiler.disable  # bookkeeping (a memo of views), no math worth compiling
     def denoiser_context(self, block_length: int, behind: bool = False) -> DenoiserContext:
         """The denoiser's view of this context for one block of `block_length` tokens per row, memoised until the
         context tower writes again. `behind=True` is Mock-AR's view, the context one token behind."""
@@ -213,6 +214,8 @@ class TwoTowerContextTower(TwoTowerPreTrainedModel, NemotronHModel):
     It always runs without gradient, so it is never gradient-checkpointed.
     """
 
+    _tied_weights_keys = {"lm_head.weight": "embeddings.weight"}  # only with `tie_word_embeddings`
+
     def __init__(self, config: TwoTowerConfig):
         TwoTowerPreTrainedModel.__init__(self, config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -266,6 +269,7 @@ class TwoTowerContextTower(TwoTowerPreTrainedModel, NemotronHModel):
         cache.next_token_logits = self.next_token_logits(hidden[:, -1])
         return cache
 
+    @torch.compiler.disable  # a Python loop over blocks into a growing cache: compiled, it would recompile per block
     @torch.no_grad()
     def training_context(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, block_size: int

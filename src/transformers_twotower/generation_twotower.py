@@ -13,28 +13,40 @@ from transformers.generation import MaxTimeCriteria, StopStringCriteria
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import ModelOutput
+from transformers.utils import logging
 
 from .context_twotower import check_left_padded
 from .sampling_twotower import commit_mask, predict_tokens
 
 
+logger = logging.get_logger(__name__)
+
+
 GENERATION_MODES = ("mask_diffusion", "mock_ar", "ar")
 
-# The GenerationConfig fields this `generate` reads. Any other field set to a value other than its default raises,
+# TwoTower's own generation fields, and the defaults `generate` uses where neither the caller nor the model's
+# generation config sets them.
+TWOTOWER_DEFAULTS = {
+    "generation_mode": "mask_diffusion",
+    "block_size": 16,
+    "steps_per_block": 16,
+    "confidence_threshold": 0.8,
+    "mask_token_id": 3,
+    "output_history": False,
+    "keep_eos_block": False,
+}
+# The GenerationConfig fields this `generate` reads. Any other field set to something other than its default raises,
 # instead of being ignored; `num_beams`, `num_return_sequences` and `use_cache` are checked on their own.
 SUPPORTED_FIELDS = frozenset(
     {
-        # TwoTower's own (`TwoTowerGenerationConfig`)
-        "generation_mode", "block_size", "steps_per_block", "confidence_threshold", "mask_token_id",
-        "output_history", "keep_eos_block",
+        *TWOTOWER_DEFAULTS,
         # transformers' fields, with their usual meaning
-        "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
-        "bos_token_id", "return_dict_in_generate", "max_time", "stop_strings",
+        "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
+        "pad_token_id", "bos_token_id", "return_dict_in_generate", "max_time", "stop_strings",
         # bookkeeping
         "transformers_version", "num_beams", "num_return_sequences", "use_cache",
     }
 )  # fmt: skip
-DEFAULT_FIELDS = GenerationConfig().__dict__
 UNSUPPORTED_GENERATE_ARGUMENTS = (
     "assistant_model", "assistant_tokenizer", "prefix_allowed_tokens_fn", "synced_gpus", "negative_prompt_ids",
     "negative_prompt_attention_mask", "past_key_values", "inputs_embeds", "custom_generate",
@@ -68,42 +80,45 @@ class TwoTowerGenerationConfig(GenerationConfig):
     """
 
     def __init__(self, **kwargs):
-        self.generation_mode = kwargs.pop("generation_mode", "mask_diffusion")
-        self.block_size = kwargs.pop("block_size", 16)
-        self.steps_per_block = kwargs.pop("steps_per_block", 16)
-        self.confidence_threshold = kwargs.pop("confidence_threshold", 0.8)
-        self.mask_token_id = kwargs.pop("mask_token_id", 3)
-        self.output_history = kwargs.pop("output_history", False)
-        self.keep_eos_block = kwargs.pop("keep_eos_block", False)
-        # Explicit, so that callers filling in "unset" knobs (the text-generation pipeline samples by default) don't.
-        kwargs.setdefault("max_new_tokens", 128)
-        kwargs.setdefault("do_sample", False)
+        # Unset (None) unless given: `generate` then takes the model's value, or TwoTower's default.
+        for name in TWOTOWER_DEFAULTS:
+            setattr(self, name, kwargs.pop(name, None))
         super().__init__(**kwargs)
+
+    @staticmethod
+    def _get_default_generation_params() -> dict:
+        return {**GenerationConfig._get_default_generation_params(), **TWOTOWER_DEFAULTS, "max_new_tokens": 128}
 
     @classmethod
     def from_model_config(cls, model_config) -> "TwoTowerGenerationConfig":
-        """The defaults of a model: its special ids and block size."""
-        fields = ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id", "block_size")
-        values = {
-            name: getattr(model_config, name) for name in fields if getattr(model_config, name, None) is not None
-        }
-        return cls(**values, _from_model_config=True)
+        """A model's defaults: TwoTower's defaults, 128 new tokens, greedy, and the model's special ids and block size.
+
+        Every value is written out, so that callers who fill in unset knobs (the text-generation pipeline samples by
+        default) find them set, and `GenerationConfig.from_pretrained` reads the TwoTower fields back.
+        """
+        values = {**TWOTOWER_DEFAULTS, "max_new_tokens": 128, "do_sample": False}
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id", "block_size"):
+            if getattr(model_config, name, None) is not None:
+                values[name] = getattr(model_config, name)
+        return cls(**values)
 
     def validate(self, strict: bool = False, user_set_attributes: set[str] | None = None):
         super().validate(strict=strict, user_set_attributes=user_set_attributes)
-        if self.generation_mode not in GENERATION_MODES:
+        if self.generation_mode is not None and self.generation_mode not in GENERATION_MODES:
             raise ValueError(f"`generation_mode` must be one of {GENERATION_MODES}, got {self.generation_mode!r}.")
         for name in ("block_size", "steps_per_block", "max_new_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
         threshold = self.confidence_threshold
-        if not isinstance(threshold, (int, float)) or math.isnan(threshold) or not 0.0 <= threshold < 2.0:
+        if threshold is not None and (
+            not isinstance(threshold, (int, float)) or math.isnan(threshold) or not 0.0 <= threshold < 2.0
+        ):
             raise ValueError(
                 f"`confidence_threshold` must be a probability in [0, 1] (values in (1, 2) mean 'one token per "
                 f"step'), got {threshold!r}."
             )
-        if not isinstance(self.mask_token_id, int) or self.mask_token_id < 0:
+        if self.mask_token_id is not None and (not isinstance(self.mask_token_id, int) or self.mask_token_id < 0):
             raise ValueError(f"`mask_token_id` must be a non-negative integer, got {self.mask_token_id!r}.")
         if self.do_sample and self.temperature is not None and self.temperature <= 0:
             raise ValueError(f"`temperature` must be > 0 when `do_sample=True`, got {self.temperature}.")
@@ -304,36 +319,39 @@ class TwoTowerGenerationMixin(GenerationMixin):
         )
 
     def _prepare_generation(self, input_ids, attention_mask, generation_config, kwargs):
+        """Check everything and build the generation config before anything runs.
+
+        The config is merged as transformers' `generate` merges it: the caller's values (keywords over
+        `generation_config`) win, then the model's `generation_config`, then the defaults (TwoTower's, then
+        transformers'). A `max_length` the caller sets, without `max_new_tokens`, counts the prompt.
+        """
         for name in UNSUPPORTED_GENERATE_ARGUMENTS:
             if kwargs.get(name) is not None:
                 raise ValueError(f"`{name}` is not supported by TwoTower's `generate`.")
         kwargs = {k: v for k, v in kwargs.items() if k not in UNSUPPORTED_GENERATE_ARGUMENTS}
-        config = TwoTowerGenerationConfig.from_dict((generation_config or self.generation_config).to_dict())
-        if "max_length" in kwargs and "max_new_tokens" not in kwargs:
-            kwargs["max_new_tokens"] = kwargs.pop("max_length") - (input_ids.shape[-1] if input_ids is not None else 0)
+        if input_ids is None:
+            raise ValueError("`input_ids` is required: TwoTower generates after a prompt.")
+
+        provided = generation_config is not None
+        config = TwoTowerGenerationConfig.from_dict(generation_config.to_dict()) if provided else None
+        config = config or TwoTowerGenerationConfig()
+        caller_set = set(kwargs) | ({k for k, v in vars(config).items() if v is not None} if provided else set())
+        config.update(**self.generation_config.to_dict(), defaults_only=True, allow_custom_entries=True)
+        config.update(**config._get_default_generation_params(), defaults_only=True)
         unused = config.update(**kwargs)
         if unused:
             raise ValueError(f"Unknown arguments to `generate`: {sorted(unused)}.")
+        self._check_supported(config)
 
-        if (config.num_beams or 1) > 1:
-            raise ValueError(
-                f"`num_beams` must be 1: TwoTower does not implement beam search (got {config.num_beams})."
-            )
-        if (config.num_return_sequences or 1) > 1:
-            raise ValueError(
-                f"`num_return_sequences` must be 1 (got {config.num_return_sequences}); repeat the prompt instead."
-            )
-        for name, value in vars(config).items():
-            if not name.startswith("_") and name not in SUPPORTED_FIELDS and value != DEFAULT_FIELDS.get(name):
-                raise ValueError(f"`{name}` is not supported by TwoTower's `generate` (got {value!r}).")
-        if config.use_cache is False:
-            raise ValueError("`use_cache=False` is not supported: TwoTower always generates from its context cache.")
-        if config.output_history and config.generation_mode != "mask_diffusion":
-            raise ValueError("`output_history` is only available in `mask_diffusion` mode.")
-
-        if input_ids is None:
-            raise ValueError("`input_ids` is required: TwoTower generates after a prompt.")
+        attention_mask = self._prepare_attention_mask(input_ids, attention_mask, config)
         attention_mask = check_left_padded(input_ids, attention_mask)
+        if "max_length" in caller_set and "max_new_tokens" not in caller_set:
+            if config.max_length <= input_ids.shape[1]:
+                raise ValueError(
+                    f"`max_length` ({config.max_length}) counts the prompt, which already has {input_ids.shape[1]} "
+                    "tokens: raise it, or set `max_new_tokens` to count generated tokens only."
+                )
+            config.max_new_tokens = config.max_length - input_ids.shape[1]
         if ((input_ids == config.mask_token_id) & attention_mask.bool()).any():
             raise ValueError(
                 f"`input_ids` contains the mask token id {config.mask_token_id}; a prompt must be clean text."
@@ -342,6 +360,51 @@ class TwoTowerGenerationMixin(GenerationMixin):
             eos = self._eos_ids(config)
             config.pad_token_id = eos[0] if eos else self.config.pad_token_id
         return config, input_ids, attention_mask
+
+    @staticmethod
+    def _check_supported(config: TwoTowerGenerationConfig):
+        if (config.num_beams or 1) > 1:
+            raise ValueError(
+                f"`num_beams` must be 1: TwoTower does not implement beam search (got {config.num_beams})."
+            )
+        if (config.num_return_sequences or 1) > 1:
+            raise ValueError(
+                f"`num_return_sequences` must be 1 (got {config.num_return_sequences}); repeat the prompt instead."
+            )
+        defaults = config._get_default_generation_params()
+        for name, value in vars(config).items():
+            if not name.startswith("_") and name not in SUPPORTED_FIELDS and value not in (None, defaults.get(name)):
+                raise ValueError(f"`{name}` is not supported by TwoTower's `generate` (got {value!r}).")
+        if config.use_cache is False:
+            raise ValueError("`use_cache=False` is not supported: TwoTower always generates from its context cache.")
+        if config.output_history and config.generation_mode != "mask_diffusion":
+            raise ValueError("`output_history` is only available in `mask_diffusion` mode.")
+
+    def _prepare_attention_mask(self, input_ids, attention_mask, config) -> torch.Tensor | None:
+        """Without a mask, infer left padding from `pad_token_id` as transformers does: where the pad id occurs in the
+        inputs and differs from EOS. Only leading pad ids are padding (a left-padded row); later ones are text."""
+        if attention_mask is not None:
+            return attention_mask
+        pad, batched = config.pad_token_id, input_ids.shape[0] > 1
+        if pad is None:
+            if batched:
+                logger.warning(
+                    "The attention mask and the pad token id were not set, with a batched input. As a consequence, you "
+                    "may observe unexpected behavior. Please pass your input's `attention_mask` to obtain reliable "
+                    "results."
+                )
+            return None
+        if not bool((input_ids == pad).any()):
+            return None
+        if pad in self._eos_ids(config):
+            if batched:
+                logger.warning_once(
+                    "The attention mask is not set with a batched input, and cannot be inferred from input because pad "
+                    "token is same as eos token. As a consequence, you may observe unexpected behavior. Please pass "
+                    "your input's `attention_mask` to obtain reliable results."
+                )
+            return None
+        return (input_ids != pad).long().cummax(dim=-1).values
 
     @staticmethod
     def _eos_ids(config) -> list[int]:

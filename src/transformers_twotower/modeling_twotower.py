@@ -15,7 +15,7 @@ from torch import nn
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
 
 from .backbone_twotower import TwoTowerPreTrainedModel
 from .configuration_twotower import TwoTowerConfig
@@ -75,7 +75,8 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
     """
 
     generation_config_class = TwoTowerGenerationConfig
-    _no_split_modules = ["TwoTowerContextBlock", "TwoTowerDenoiserBlock"]
+    # With `tie_word_embeddings`, each head is tied to its own tower's embeddings (the context tower ties its own).
+    _tied_weights_keys = {"lm_head.weight": "denoiser_tower.embeddings.weight"}
     # The loss averages over the masked tokens itself (not over labels): Trainer must not renormalise it with its
     # label count (`num_items_in_batch`), only average it over gradient-accumulation steps and processes.
     accepts_loss_kwargs = False
@@ -137,6 +138,13 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
+    def _resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=None, mean_resizing=True):
+        """The towers share one vocabulary: transformers resizes the denoiser's embeddings and head, then the context
+        tower's embeddings and head are resized to the same size by the same code."""
+        embeddings = super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        self.context_tower._resize_token_embeddings(embeddings.weight.shape[0], mean_resizing=mean_resizing)
+        return embeddings
+
     # ----------------------------------------------------------------------------------------------------------------
     # Inference building blocks
 
@@ -183,7 +191,11 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         noise_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Block-wise masked-diffusion loss (docs/architecture.md, "Training"). Returns `(loss, logits, noise_mask)`.
+        return self._diffusion_forward(input_ids, labels, attention_mask, noise_mask, generator)[:3]
+
+    def _diffusion_forward(self, input_ids, labels, attention_mask, noise_mask, generator, output_hidden_states=False):
+        """Block-wise masked-diffusion loss (docs/architecture.md, "Training"). Returns `(loss, logits, noise_mask)`
+        (and the denoiser's hidden states, `(B, N, H)` per layer, or None).
 
         Per block, `t ~ U(0, 1]` and each token is masked with probability `t`; positions whose label is -100 are
         never masked (prompt or padding stays clean context). `noise_mask` (B, N) fixes which positions are masked
@@ -218,15 +230,22 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         t = padded_noise.view(batch_size * num_blocks, block_size).float().mean(-1)  # each block's masked fraction
 
         context = self.context_tower.training_context(clean, mask, block_size)
-        hidden = self.denoiser_tower(noisy, context, t).last_hidden_state
-        logits = self.lm_head(hidden).float().view(batch_size, num_blocks * block_size, -1)[:, :length]
+        outputs = self.denoiser_tower(noisy, context, t, output_hidden_states=output_hidden_states)
+        logits = self.lm_head(outputs.last_hidden_state).float().view(batch_size, num_blocks * block_size, -1)
+        logits = logits[:, :length]
+        hidden_states = None
+        if output_hidden_states:
+            hidden_states = tuple(
+                h.view(batch_size, num_blocks * block_size, -1)[:, :length] for h in outputs.hidden_states
+            )
 
-        if noise_mask.any():
-            loss = F.cross_entropy(logits[noise_mask], labels[noise_mask])
-        else:  # nothing masked: a zero that still belongs to the graph
-            loss = logits.sum() * 0.0
-        return loss, logits, noise_mask
+        # The mean over masked tokens, written without data-dependent shapes (it compiles); 0 when nothing is masked.
+        targets = labels.masked_fill(~noise_mask, -100)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        loss = loss / noise_mask.sum().clamp_min(1)
+        return loss, logits, noise_mask, hidden_states
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -234,17 +253,31 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         labels: torch.LongTensor | None = None,
         noise_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Without `labels`: the context tower's next-token logits `(B, T, V)`, fp32 (no gradient).
-        With `labels`: the masked-diffusion `loss` and the denoiser's logits (see `diffusion_loss`)."""
+        With `labels`: the masked-diffusion `loss` and the denoiser's logits (see `diffusion_loss`).
+
+        `output_hidden_states` returns the hidden states of the tower that made the logits (the embeddings, then every
+        layer; the last one before `norm_f`). `return_dict=False` returns a tuple.
+        """
+        ignored = sorted(name for name, value in kwargs.items() if value not in (None, False))
+        if ignored:
+            raise ValueError(f"TwoTower's `forward` does not support {ignored}.")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if labels is not None:
-            loss, logits, _ = self.diffusion_loss(input_ids, labels, attention_mask, noise_mask, generator)
-            return CausalLMOutputWithPast(loss=loss, logits=logits)
+            loss, logits, _, hidden_states = self._diffusion_forward(
+                input_ids, labels, attention_mask, noise_mask, generator, output_hidden_states
+            )
+            return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden_states)
         with torch.no_grad():
-            hidden = self.context_tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            logits = self.context_tower.next_token_logits(hidden)
-        return CausalLMOutputWithPast(logits=logits)
+            outputs = self.context_tower(
+                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states
+            )
+            logits = self.context_tower.next_token_logits(outputs.last_hidden_state)
+        return CausalLMOutputWithPast(logits=logits, hidden_states=outputs.hidden_states)
 
 
 TwoTowerForDiffusionLM.register_for_auto_class("AutoModelForCausalLM")
