@@ -13,6 +13,7 @@ from transformers_twotower import TwoTowerConfig, TwoTowerForDiffusionLM  # noqa
 
 
 RELEASE_FIXTURE = Path(__file__).parent / "fixtures" / "twotower_tiny_a"
+EXPECTED_PROMPTS = json.loads((RELEASE_FIXTURE / "expected.json").read_text())["prompts"]
 
 
 def tiny_config(**overrides) -> TwoTowerConfig:

@@ -36,6 +36,15 @@ def test_clear_errors(model_dir, tmp_path, capsys):
     assert "invalid choice" in capsys.readouterr().err
     assert main(["generate", "w5", "--model", str(model_dir), "--threshold", "5"]) == 2
     assert "confidence_threshold" in capsys.readouterr().err
+    for device, message in (("foo", "'foo' is not a device torch knows"), ("mps", "no MPS device")):
+        with pytest.raises(SystemExit, match=message):
+            main(["generate", "w5", "--model", str(model_dir), "--device", device])
+    assert main(["generate", "w5 w6 w7", "--model", str(model_dir), "--max-length", "3"]) == 2
+    error = capsys.readouterr().err
+    assert (
+        "`max_length` (3) counts the prompt, which already has 3 tokens" in error
+        and "max_new_tokens`" not in error.split("set")[0]
+    )
 
 
 def test_bench_synthetic_small(capsys):
@@ -47,12 +56,44 @@ def test_bench_synthetic_small(capsys):
 
 
 def test_demo_model_runs_from_the_module_entry_point():
-    """The demo holds weights, configs and a tokenizer only; it loads through the package, not as remote code."""
+    """The demo holds weights, configs and a tokenizer only; it loads through the package, not as remote code. As a
+    terminal shows the two streams together, transformers' notices come before the streamed text, never inside it."""
     assert (DEMO_MODEL / "config.json").is_file() and (DEMO_MODEL / "train_log.json").is_file()
     assert not list(DEMO_MODEL.glob("*.py")) and "auto_map" not in json.loads((DEMO_MODEL / "config.json").read_text())
     result = subprocess.run(
         [sys.executable, "-m", "transformers_twotower", "generate", "def fibonacci(n):", "--max-new-tokens", "16"],
-        capture_output=True, text=True, timeout=300,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
     )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:]
+    streamed = result.stdout[result.stdout.index("def fibonacci(n):") : result.stdout.index("\n--- mask_diffusion")]
+    assert "[transformers]" not in streamed and "--- mask_diffusion: 16 tokens" in result.stdout
+
+
+def test_the_pipeline_and_the_command_line_continue_a_prompt_alike(capsys):
+    """Both put BOS first (the demo tokenizer adds it) and use the demo's generation config."""
+    from transformers import pipeline
+
+    assert main(["generate", "def fibonacci(n):", "--max-new-tokens", "16"]) == 0
+    streamed = capsys.readouterr().out.split("\n--- ")[0].removesuffix("\n")  # the streamer ends with a newline
+    generator = pipeline("text-generation", model=str(DEMO_MODEL), trust_remote_code=True)
+    assert generator.tokenizer("def fibonacci(n):").input_ids[0] == generator.tokenizer.bos_token_id
+    assert generator("def fibonacci(n):", max_new_tokens=16)[0]["generated_text"] == streamed
+
+
+def test_the_demo_tokenizer_loads_without_remote_code_questions(tmp_path):
+    """A plain fast tokenizer: `AutoTokenizer` loads it where this package is not even imported, asking nothing."""
+    code = (
+        "from transformers import AutoTokenizer; import sys; "
+        f"t = AutoTokenizer.from_pretrained({str(DEMO_MODEL)!r}); "
+        "assert 'transformers_twotower' not in sys.modules; print(t('def f():').input_ids)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith("def fibonacci(n):") and "--- mask_diffusion: 16 tokens" in result.stdout
+    assert result.stdout.strip() == "[1, 489, 291, 874]"

@@ -86,30 +86,6 @@ def test_bad_training_input():
 # --- PEFT ---------------------------------------------------------------------------------------------------------
 
 
-def test_lora_defaults_target_the_denoiser_and_round_trip(tmp_path):
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    ids = prompt_ids()
-    adapted = get_peft_model(tiny_model(seed=1), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
-    trainable = [name for name, p in adapted.named_parameters() if p.requires_grad]
-    assert trainable and all(".denoiser_tower.layers." in name and ".lora_" in name for name in trainable)
-    targeted = {name.split(".mixer.")[1].split(".")[0] for name in trainable}
-    assert targeted == {"q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj"}
-
-    adapted.eval()
-    expected = {mode: adapted.generate(input_ids=ids, generation_mode=mode, **GENERATE) for mode in MODES}
-    base = tiny_model(seed=1).generate(ids, **GENERATE)
-    assert not torch.equal(expected["mask_diffusion"], base), "the adapter must change something"
-
-    adapted.save_pretrained(tmp_path / "adapter")
-    reloaded = PeftModel.from_pretrained(tiny_model(seed=1), tmp_path / "adapter").eval()
-    merged = reloaded.merge_and_unload()
-    assert isinstance(merged, TwoTowerForDiffusionLM)
-    for mode in MODES:
-        assert torch.equal(reloaded.generate(input_ids=ids, generation_mode=mode, **GENERATE), expected[mode])
-        assert torch.equal(merged.generate(ids, generation_mode=mode, **GENERATE), expected[mode])
-
-
 def test_lora_trains_the_adapter_only():
     from peft import LoraConfig, get_peft_model
 
@@ -145,24 +121,6 @@ def test_lora_on_the_context_tower_is_called_out(monkeypatch):
 
 
 # --- Accelerate ---------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("cpu_share", [3, 2])  # a third / half of the model on the CPU, the rest offloaded to disk
-def test_device_map_with_disk_offload_generates_the_same(saved_model, tmp_path, cpu_share):
-    model, folder = saved_model
-    ids = prompt_ids()
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    offloaded = TwoTowerForDiffusionLM.from_pretrained(
-        folder, device_map="auto", max_memory={"cpu": size // cpu_share}, offload_folder=tmp_path / "offload"
-    )
-    assert "disk" in offloaded.hf_device_map.values()
-    # `_no_split_modules` keeps every layer whole.
-    assert all(key.count(".") <= 2 for key in offloaded.hf_device_map), offloaded.hf_device_map
-    for mode in MODES:
-        assert torch.equal(
-            offloaded.generate(ids, generation_mode=mode, **GENERATE),
-            model.generate(ids, generation_mode=mode, **GENERATE),
-        )
 
 
 def test_two_tower_device_map(saved_model, tmp_path):
