@@ -8,7 +8,8 @@ Two steps are measured, each eager and compiled (`backend`, default inductor):
 - denoising: `denoise_step` on one block of 16 after a 512-token prompt, batch 1, the denoiser tower compiled
   (`model.denoiser_tower.compile()`).
 
-The compile time is the wall time of the first compiled call less one eager call. Step times are process CPU time
+The compile time is the wall time of the first compiled call less one eager call, with inductor's on-disk caches off
+(what a first run costs; a warm cache cuts it to seconds). Step times are process CPU time
 (`time.process_time`) on `--threads` threads, eager and compiled calls alternated, median of `--repeats`. Writes
 `benchmarks/results/compile_cpu.json`.
 """
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +73,7 @@ def main(argv=None) -> int:
     from transformers_twotower import TwoTowerForDiffusionLM
 
     torch.set_num_threads(args.threads)
+    torch._inductor.config.force_disable_caches = True
     generator = torch.Generator().manual_seed(0)
 
     def load():

@@ -56,14 +56,18 @@ def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)
 
 
+def check_prompt_ids(input_ids):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"`input_ids` must be a non-empty (batch, length) tensor, got {shape}.")
+
+
 def check_left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Validate a prompt batch for the context tower and return its mask as 0/1 longs.
 
     Only left padding is accepted: transformers' Nemotron-H lets the SSM state decay over right padding.
     """
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(f"`input_ids` must be a non-empty (batch, length) tensor, got {shape}.")
+    check_prompt_ids(input_ids)
     if attention_mask is None:
         return torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
@@ -319,4 +323,11 @@ class TwoTowerContextTower(TwoTowerPreTrainedModel, NemotronHModel):
         return hidden
 
 
-__all__ = ["DenoiserContext", "TwoTowerCache", "TwoTowerContextTower", "check_left_padded", "denoiser_view"]
+__all__ = [
+    "DenoiserContext",
+    "TwoTowerCache",
+    "TwoTowerContextTower",
+    "check_left_padded",
+    "check_prompt_ids",
+    "denoiser_view",
+]

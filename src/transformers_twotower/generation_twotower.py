@@ -15,7 +15,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
-from .context_twotower import check_left_padded
+from .context_twotower import check_left_padded, check_prompt_ids
 from .sampling_twotower import commit_mask, predict_tokens
 
 
@@ -331,27 +331,36 @@ class TwoTowerGenerationMixin(GenerationMixin):
         kwargs = {k: v for k, v in kwargs.items() if k not in UNSUPPORTED_GENERATE_ARGUMENTS}
         if input_ids is None:
             raise ValueError("`input_ids` is required: TwoTower generates after a prompt.")
+        check_prompt_ids(input_ids)
 
         provided = generation_config is not None
-        config = TwoTowerGenerationConfig.from_dict(generation_config.to_dict()) if provided else None
-        config = config or TwoTowerGenerationConfig()
-        caller_set = set(kwargs) | ({k for k, v in vars(config).items() if v is not None} if provided else set())
+        config = (
+            TwoTowerGenerationConfig.from_dict(generation_config.to_dict()) if provided else TwoTowerGenerationConfig()
+        )
+        caller_set = {k for k, v in [*kwargs.items(), *(vars(config).items() if provided else [])] if v is not None}
+        defaults = config._get_default_generation_params()
         config.update(**self.generation_config.to_dict(), defaults_only=True, allow_custom_entries=True)
-        config.update(**config._get_default_generation_params(), defaults_only=True)
+        config.update(**defaults, defaults_only=True)
         unused = config.update(**kwargs)
         if unused:
             raise ValueError(f"Unknown arguments to `generate`: {sorted(unused)}.")
-        self._check_supported(config)
 
-        attention_mask = self._prepare_attention_mask(input_ids, attention_mask, config)
-        attention_mask = check_left_padded(input_ids, attention_mask)
+        # Lengths as transformers reads them: `max_length` counts the prompt; `max_new_tokens` wins when both are set.
         if "max_length" in caller_set and "max_new_tokens" not in caller_set:
-            if config.max_length <= input_ids.shape[1]:
+            if config.max_length <= input_ids.shape[-1]:
                 raise ValueError(
-                    f"`max_length` ({config.max_length}) counts the prompt, which already has {input_ids.shape[1]} "
+                    f"`max_length` ({config.max_length}) counts the prompt, which already has {input_ids.shape[-1]} "
                     "tokens: raise it, or set `max_new_tokens` to count generated tokens only."
                 )
-            config.max_new_tokens = config.max_length - input_ids.shape[1]
+            config.max_new_tokens = config.max_length - input_ids.shape[-1]
+        elif "max_length" in caller_set:
+            logger.warning(
+                f"Both `max_new_tokens` (={config.max_new_tokens}) and `max_length` (={config.max_length}) are set; "
+                "`max_new_tokens` takes precedence."
+            )
+        config.update(**{k: defaults[k] for k in (*TWOTOWER_DEFAULTS, "max_new_tokens")}, defaults_only=True)
+        self._check_supported(config)
+        attention_mask = check_left_padded(input_ids, self._prepare_attention_mask(input_ids, attention_mask, config))
         if ((input_ids == config.mask_token_id) & attention_mask.bool()).any():
             raise ValueError(
                 f"`input_ids` contains the mask token id {config.mask_token_id}; a prompt must be clean text."
