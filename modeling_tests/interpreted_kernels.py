@@ -2,6 +2,9 @@
 
     PYTHONPATH=modeling_tests python -m pytest -p interpreted_kernels modeling_tests/test_kernels_interpreted.py
 
+With `TWOTOWER_KERNELS=cuda` (on a GPU, `benchmarks/gpu_check.sh`) the kernels run for real: no interpreter, no shims,
+the same tests and call counts.
+
 It must act before transformers is imported: transformers picks mamba-ssm's functions when its Nemotron-H module is
 imported. Loaded with `-p`, a plugin runs before any conftest. Four shims make mamba-ssm importable and runnable
 without CUDA; they live here, in the tests, never in the package:
@@ -27,7 +30,9 @@ import types
 from collections import Counter
 
 
-os.environ["TRITON_INTERPRET"] = "1"
+ON_GPU = os.environ.get("TWOTOWER_KERNELS") == "cuda"
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["TWOTOWER_INTERPRETED_KERNELS"] = "1"
 
@@ -50,6 +55,15 @@ def _counted(name, function):
 
 
 def _install():
+    if not ON_GPU:
+        _install_interpreter_shims()
+    for module_name, names in COUNTED.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            setattr(module, name, _counted(name, getattr(module, name)))
+
+
+def _install_interpreter_shims():
     import torch
     from triton.runtime import interpreter
     from triton.runtime.autotuner import Autotuner
@@ -60,10 +74,6 @@ def _install():
     interpreter.interpreter_builder.options = dataclasses.replace(
         interpreter.interpreter_builder.options, sanitize_overflow=False
     )
-    for module_name, names in COUNTED.items():
-        module = importlib.import_module(module_name)
-        for name in names:
-            setattr(module, name, _counted(name, getattr(module, name)))
 
 
 if AVAILABLE:
