@@ -1,13 +1,38 @@
 """Training: the block-wise masked-diffusion loss against inference, its masking, and what it trains."""
 
 import torch
-from conftest import tiny_model
+from conftest import left_pad, tiny_model
 
 
 def clean_ids(model, batch, length, seed=0):
     generator = torch.Generator().manual_seed(seed)
     # Ids >= 4 avoid the special ids (mask is 3).
     return torch.randint(4, model.config.vocab_size, (batch, length), generator=generator)
+
+
+def test_one_pass_training_context_equals_reading_the_sequence_block_by_block(model):
+    """One causal pass records the Mamba states at every block start; they equal the states of a cache that reads
+    the sequence one block at a time (the reference), left padding included, as do all K/V."""
+    S = model.config.block_size
+    rows = [clean_ids(model, 1, 3 * S, seed=1)[0].tolist(), clean_ids(model, 1, 3 * S - 3, seed=2)[0].tolist()]
+    ids, mask = left_pad(rows)
+    view = model.context_tower.training_context(ids, mask, S)
+
+    tower = model.context_tower
+    starts = [tower.zero_mamba_states(2, ids.device)]
+    cache = tower.prefill(ids[:, :S], mask[:, :S], keep_behind=False)
+    for b in range(1, 3):
+        starts.append(cache.snapshot_mamba_states())
+        tower.extend(cache, ids[:, b * S : (b + 1) * S], keep_behind=False)
+    for i in cache.mamba_layers:
+        conv = view.conv_history[i].unflatten(0, (2, 3))  # (B, nb, conv_dim, K - 1)
+        ssm = view.ssm_states[i].unflatten(0, (2, 3))
+        for b, states in enumerate(starts):
+            torch.testing.assert_close(conv[:, b], states[i][0][..., 1:], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ssm[:, b], states[i][1], rtol=1e-5, atol=1e-6)
+    for i in cache.attention_layers:
+        torch.testing.assert_close(view.keys[i], cache.layers[i].keys, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(view.values[i], cache.layers[i].values, rtol=1e-5, atol=1e-6)
 
 
 def test_training_forward_equals_inference(model):

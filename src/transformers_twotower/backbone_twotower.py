@@ -19,6 +19,7 @@ from transformers.models.nemotron_h.modeling_nemotron_h import (
     NemotronHMamba2Mixer,
     NemotronHPreTrainedModel,
     NemotronHRMSNorm,
+    apply_mask_to_padding_states,
     causal_conv1d_fn,
     mamba2_chunk_scan,
 )
@@ -50,13 +51,20 @@ class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
 
     @force_accelerate_hooks("conv1d")  # the conv weight is read directly, not through `conv1d`'s forward
     def seeded_scan(
-        self, hidden_states: torch.Tensor, conv_history: torch.Tensor, ssm_state: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self,
+        hidden_states: torch.Tensor,
+        conv_history: torch.Tensor,
+        ssm_state: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        block_size: int | None = None,
+    ) -> tuple[torch.Tensor, ...]:
         """Run the mixer over a block that continues a sequence whose Mamba state is given.
 
         hidden_states: (B, L, H); conv_history: (B, conv_dim, K - 1), the last raw xBC inputs before the block;
-        ssm_state: (B, heads, hd, N). Returns the output (B, L, H) and the state after the block: the last K raw xBC
-        inputs (B, conv_dim, K) and the SSM state (B, heads, hd, N), fp32.
+        ssm_state: (B, heads, hd, N); attention_mask (B, L): 0 at left padding, which then contributes nothing.
+        Returns the output (B, L, H) and the state after the block: the last K raw xBC inputs (B, conv_dim, K) and
+        the SSM state (B, heads, hd, N), fp32. With `block_size`, also the state at the start of every block of that
+        size: conv histories (B, nb, conv_dim, K - 1) and SSM states (B, nb, heads, hd, N).
         """
         batch_size, length, _ = hidden_states.shape
         gate, xBC, dt = self.in_proj(hidden_states).split(
@@ -70,7 +78,7 @@ class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
         xBC = causal_conv1d_fn(
             conv_inputs, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation
         )
-        xBC = xBC[..., -length:].transpose(1, 2)  # (B, L, conv_dim)
+        xBC = apply_mask_to_padding_states(xBC[..., -length:].transpose(1, 2), attention_mask)  # (B, L, conv_dim)
         groups_state = self.n_groups * self.ssm_state_size
         x, B, C = xBC.split([self.intermediate_size, groups_state, groups_state], dim=-1)
         x = x.float().reshape(batch_size, length, self.num_heads, self.head_dim)
@@ -94,14 +102,37 @@ class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
         )  # (B, L, heads, hd), (B, heads, hd, N)
         h0 = ssm_state.to(device=x.device, dtype=torch.float32)
         decay = torch.exp(torch.cumsum(dt * A, dim=1))  # (B, L, heads): decay of h0 up to and including step t
-        C_heads = C.repeat_interleave(self.num_heads // self.n_groups, dim=2)  # (B, L, heads, N)
+        heads_per_group = self.num_heads // self.n_groups
+        C_heads = C.repeat_interleave(heads_per_group, dim=2)  # (B, L, heads, N)
         y = y + torch.einsum("blhn,bhpn->blhp", C_heads, h0) * decay[..., None]
         final_state = zero_start_state + decay[:, -1, :, None, None] * h0
 
         # 3. Gated group norm, output projection.
         y = self.norm(y.reshape(batch_size, length, -1), gate)
         out = self.out_proj(y.to(hidden_states.dtype))
-        return out, conv_inputs[..., -self.conv_kernel_size :], final_state
+        outputs = (out, conv_inputs[..., -self.conv_kernel_size :], final_state)
+        if block_size is None:
+            return outputs
+
+        # 4. The state at every block start. Conv: the K - 1 raw inputs before it. SSM: block j's own contribution,
+        # s_j = sum_t exp(a_{t+1} + ... + a_end) dt_t x_t B_t^T with a = dt A, then h_{j+1} = exp(a_block j) h_j + s_j.
+        num_blocks = length // block_size
+        kernel = self.conv_kernel_size
+        conv_starts = torch.stack(
+            [conv_inputs[..., b * block_size : b * block_size + kernel - 1] for b in range(num_blocks)], dim=1
+        )  # (B, nb, conv_dim, K - 1)
+        blocked = lambda t: t[:, : num_blocks * block_size].unflatten(1, (num_blocks, block_size))  # noqa: E731
+        a = blocked(dt * A)  # (B, nb, S, heads)
+        cumulative = torch.cumsum(a, dim=2)
+        to_block_end = torch.exp(cumulative[:, :, -1:] - cumulative)  # (B, nb, S, heads)
+        B_heads = blocked(B).repeat_interleave(heads_per_group, dim=3)  # (B, nb, S, heads, N)
+        own = torch.einsum("bcsh,bcshp,bcshn->bchpn", to_block_end * blocked(dt), blocked(x), B_heads)
+        block_decay = torch.exp(cumulative[:, :, -1])  # (B, nb, heads)
+        ssm_starts, state = [], h0
+        for b in range(num_blocks):
+            ssm_starts.append(state)
+            state = block_decay[:, b, :, None, None] * state + own[:, b]
+        return outputs + ((conv_starts, torch.stack(ssm_starts, dim=1)),)
 
 
 class TwoTowerBlock(NemotronHBlock):

@@ -87,28 +87,23 @@ def check_left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor | No
 def denoiser_view(
     keys: dict[int, torch.Tensor],
     values: dict[int, torch.Tensor],
-    seeds: list[MambaStates],
+    conv_history: dict[int, torch.Tensor],
+    ssm_states: dict[int, torch.Tensor],
     context_mask: torch.Tensor,
     context_ends: list[int],
     block_length: int,
     block_mask: torch.Tensor | None = None,
 ) -> DenoiserContext:
-    """The denoiser's view of a context for `nb = len(seeds)` noisy blocks per row (one function for inference and
-    training).
+    """The denoiser's view of a context for `nb = len(context_ends)` noisy blocks per row (one function for inference
+    and training).
 
-    keys/values: `{layer: (B, kv_heads, T, hd)}`; seeds: per block, the Mamba states its scans start from;
-    context_mask `(B, T)`: 1 for real context tokens; context_ends: per block, how many context positions it sees
-    (block `b` sees keys `< context_ends[b]`); block_mask `(B, nb * L)`: 1 for real block positions (None: all real).
-    Block queries also see every real position of their own block, and nothing of the other blocks.
+    keys/values: `{layer: (B, kv_heads, T, hd)}`; conv_history / ssm_states: `{layer: (B * nb, ...)}`, the Mamba
+    states each block's scans start from; context_mask `(B, T)`: 1 for real context tokens; context_ends: per block,
+    how many context positions it sees (block `b` sees keys `< context_ends[b]`); block_mask `(B, nb * L)`: 1 for real
+    block positions (None: all real). Block queries also see every real position of their own block, and nothing of
+    the other blocks.
     """
-    num_blocks = len(seeds)
-
-    def per_block(tensors: list[torch.Tensor]) -> torch.Tensor:  # nb x (B, ...) -> (B * nb, ...), row-major
-        return tensors[0] if num_blocks == 1 else torch.stack(tensors, dim=1).flatten(0, 1)
-
-    conv_history = {i: per_block([seed[i][0][..., 1:] for seed in seeds]) for i in seeds[0]}
-    ssm_states = {i: per_block([seed[i][1] for seed in seeds]) for i in seeds[0]}
-
+    num_blocks = len(context_ends)
     context_real = context_mask.bool()
     mask = None
     if num_blocks > 1 or block_mask is not None or not context_real.all():
@@ -149,6 +144,9 @@ class TwoTowerCache(DynamicCache):
         self.next_token_logits: torch.Tensor | None = None
         self.mamba_states_behind: MambaStates | None = None
         self.num_context_tokens = 0
+        # Set by `training_context` for its one pass: the Mamba states at every block start, per Mamba layer.
+        self.block_size: int | None = None
+        self.block_starts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._views: dict[tuple, DenoiserContext] = {}
 
     @property
@@ -188,20 +186,41 @@ class TwoTowerCache(DynamicCache):
             states = self.mamba_states_behind
         keys = {i: self.layers[i].keys[:, :, :end] for i in self.attention_layers}
         values = {i: self.layers[i].values[:, :, :end] for i in self.attention_layers}
-        return denoiser_view(keys, values, [states], self.attention_mask[:, :end], [end], block_length)
+        conv_history = {i: conv[..., 1:] for i, (conv, _) in states.items()}
+        ssm_states = {i: ssm for i, (_, ssm) in states.items()}
+        return denoiser_view(keys, values, conv_history, ssm_states, self.attention_mask[:, :end], [end], block_length)
 
 
 class ContextMamba2Mixer(TwoTowerMamba2Mixer):
-    """The context tower's Mamba-2 mixer: Nemotron-H's forward, plus appending a committed block (several tokens) to a
-    cache that already holds a state, which Nemotron-H would scan from zero."""
+    """The context tower's Mamba-2 mixer: Nemotron-H's forward, plus two cases Nemotron-H does not have:
+
+    - appending a committed block (several tokens) to a cache that already holds a state: the seeded scan;
+    - a training cache (`block_size` set): one pass over the whole clean sequence that also records the state at
+      every block start, which each block's denoiser scan starts from.
+    """
 
     def forward(self, hidden_states, cache_params=None, attention_mask=None, **kwargs):
-        if cache_params is None or hidden_states.shape[1] == 1 or not cache_params.has_previous_state(self.layer_idx):
+        if cache_params is None or hidden_states.shape[1] == 1:
+            return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+        hidden_states = apply_mask_to_padding_states(hidden_states, attention_mask)
+        if getattr(cache_params, "block_size", None) is not None:  # a training cache
+            batch_size = hidden_states.shape[0]
+            conv_history = hidden_states.new_zeros(batch_size, self.conv_dim, self.conv_kernel_size - 1)
+            ssm_state = torch.zeros(
+                batch_size, self.num_heads, self.head_dim, self.ssm_state_size, device=hidden_states.device
+            )
+            out, _, _, starts = self.seeded_scan(
+                hidden_states, conv_history, ssm_state, attention_mask, block_size=cache_params.block_size
+            )
+            cache_params.block_starts[self.layer_idx] = starts
+            return out
+        if not cache_params.has_previous_state(self.layer_idx):
             return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
         conv_state = cache_params.get_conv_state(self.layer_idx)
         ssm_state = cache_params.get_recurrent_state(self.layer_idx)
-        hidden_states = apply_mask_to_padding_states(hidden_states, attention_mask)
-        out, new_conv_state, new_ssm_state = self.seeded_scan(hidden_states, conv_state[..., 1:], ssm_state)
+        out, new_conv_state, new_ssm_state = self.seeded_scan(
+            hidden_states, conv_state[..., 1:], ssm_state, attention_mask
+        )
         conv_state.copy_(new_conv_state)  # in place: the cache's tensors keep their addresses
         ssm_state.copy_(new_ssm_state)
         return out
@@ -273,26 +292,26 @@ class TwoTowerContextTower(TwoTowerPreTrainedModel, NemotronHModel):
         cache.next_token_logits = self.next_token_logits(hidden[:, -1])
         return cache
 
-    @torch.compiler.disable  # a Python loop over blocks into a growing cache: compiled, it would recompile per block
+    @torch.compiler.disable  # bookkeeping around one pass; the pass itself is Nemotron-H's forward
     @torch.no_grad()
     def training_context(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, block_size: int
     ) -> DenoiserContext:
-        """Read a clean sequence `(B, nb * S)` block after block, keeping what every block's denoiser pass needs: all
-        K/V, and the Mamba states at the start of every block. Block `b` sees context positions `< b * S`."""
-        batch_size, length = input_ids.shape
-        num_blocks = length // block_size
+        """Read a clean sequence `(B, nb * S)` in one causal pass, keeping what every block's denoiser pass needs: all
+        K/V, and the Mamba states at the start of every block (recorded by the Mamba mixers during the pass). Block
+        `b` sees context positions `< b * S`."""
+        num_blocks = input_ids.shape[1] // block_size
         cache = TwoTowerCache(self.config)
-        seeds = [self.zero_mamba_states(batch_size, input_ids.device)]
-        for b in range(num_blocks):
-            if b > 0:
-                seeds.append(cache.snapshot_mamba_states())
-            end = (b + 1) * block_size
-            self._append(cache, input_ids[:, b * block_size : end], attention_mask[:, :end])
+        cache.block_size = block_size
+        self._append(cache, input_ids, attention_mask)
         keys = {i: cache.layers[i].keys for i in cache.attention_layers}
         values = {i: cache.layers[i].values for i in cache.attention_layers}
+        conv_history = {i: conv.flatten(0, 1) for i, (conv, _) in cache.block_starts.items()}  # (B * nb, ...)
+        ssm_states = {i: ssm.flatten(0, 1) for i, (_, ssm) in cache.block_starts.items()}
         ends = [b * block_size for b in range(num_blocks)]
-        return denoiser_view(keys, values, seeds, attention_mask, ends, block_size, block_mask=attention_mask)
+        return denoiser_view(
+            keys, values, conv_history, ssm_states, attention_mask, ends, block_size, block_mask=attention_mask
+        )
 
     def zero_mamba_states(self, batch_size: int, device: torch.device) -> MambaStates:
         """The Mamba states of an empty context, on `device` (weights may be offloaded, so not theirs)."""
