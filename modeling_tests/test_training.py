@@ -113,3 +113,38 @@ def test_loss_trains_the_denoiser_only_and_goes_down():
     assert losses[-1] < 0.7 * losses[0], losses
     for k, v in model.context_tower.state_dict().items():
         assert torch.equal(v, context_before[k]), k
+
+
+def test_blockwise_attention_gives_the_dense_masks_loss_and_gradients(monkeypatch):
+    """Training attends block by block with no (N, 2N) mask; the dense mask stays as the reference. Same loss and
+    gradients within 1e-5 on the release fixture, with left padding, -100 labels and a partial last block."""
+    from conftest import RELEASE_FIXTURE
+
+    from transformers_twotower import TwoTowerContextTower, TwoTowerForDiffusionLM
+
+    model = TwoTowerForDiffusionLM.from_pretrained(RELEASE_FIXTURE, dtype=torch.float32).train()
+    S = model.config.block_size
+    rows = [clean_ids(model, 1, 3 * S + 5, seed=3)[0].tolist(), clean_ids(model, 1, 2 * S + 1, seed=4)[0].tolist()]
+    ids, mask = left_pad(rows)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, : S // 2] = -100  # a prompt
+    noise = torch.rand(ids.shape, generator=torch.Generator().manual_seed(5)) < 0.5
+
+    training_context = TwoTowerContextTower.training_context
+
+    def run(dense: bool):
+        monkeypatch.setattr(
+            TwoTowerContextTower, "training_context", lambda *a, **kw: training_context(*a, **kw, dense=dense)
+        )
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, attention_mask=mask, labels=labels, noise_mask=noise).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads
+
+    dense_loss, dense_grads = run(dense=True)
+    blockwise_loss, blockwise_grads = run(dense=False)
+    torch.testing.assert_close(blockwise_loss, dense_loss, rtol=0, atol=1e-5)
+    assert dense_grads.keys() == blockwise_grads.keys() and len(dense_grads) > 0
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(blockwise_grads[name], grad, rtol=0, atol=1e-5, msg=name)

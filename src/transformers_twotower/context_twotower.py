@@ -40,7 +40,9 @@ class DenoiserContext:
       `(B * nb, conv_dim, K - 1)`;
     - `ssm_states`: the SSM state each block's scan starts from, `(B * nb, heads, head_dim, state)`;
     - `attention_mask`: additive, over `[context keys | block keys]`, or None when every key is visible;
-    - `num_blocks`: noisy blocks per row (1 at inference, every block of the sequence in training).
+    - `num_blocks`: noisy blocks per row (1 at inference, every block of the sequence in training);
+    - `blockwise`: training's block structure without a dense mask (block `b` sees context keys `< b * S` and its own
+      block), with `key_padding`, additive over `[context keys | block keys]`, or None when every key is real.
     """
 
     keys: dict[int, torch.Tensor]
@@ -49,6 +51,8 @@ class DenoiserContext:
     ssm_states: dict[int, torch.Tensor]
     attention_mask: torch.Tensor | None
     num_blocks: int = 1
+    blockwise: bool = False
+    key_padding: torch.Tensor | None = None
 
 
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -93,6 +97,7 @@ def denoiser_view(
     context_ends: list[int],
     block_length: int,
     block_mask: torch.Tensor | None = None,
+    dense: bool = True,
 ) -> DenoiserContext:
     """The denoiser's view of a context for `nb = len(context_ends)` noisy blocks per row (one function for inference
     and training).
@@ -101,24 +106,28 @@ def denoiser_view(
     states each block's scans start from; context_mask `(B, T)`: 1 for real context tokens; context_ends: per block,
     how many context positions it sees (block `b` sees keys `< context_ends[b]`); block_mask `(B, nb * L)`: 1 for real
     block positions (None: all real). Block queries also see every real position of their own block, and nothing of
-    the other blocks.
+    the other blocks. Several blocks get the blockwise form (no dense mask) unless `dense`, the reference.
     """
     num_blocks = len(context_ends)
     context_real = context_mask.bool()
+    block_real = context_real.new_ones(context_real.shape[0], num_blocks * block_length)
+    if block_mask is not None:
+        block_real = block_mask.bool()
+    key_real = torch.cat([context_real, block_real], dim=1)  # (B, T + Q)
+    dtype = next(iter(keys.values())).dtype if keys else torch.float32
+    if num_blocks > 1 and not dense:
+        key_padding = None if key_real.all() else additive_mask(key_real, dtype)
+        return DenoiserContext(keys, values, conv_history, ssm_states, None, num_blocks, True, key_padding)
+
     mask = None
-    if num_blocks > 1 or block_mask is not None or not context_real.all():
+    if num_blocks > 1 or not key_real.all():
         device, length = context_real.device, context_real.shape[1]
         block_of = torch.arange(num_blocks * block_length, device=device) // block_length  # (Q,)
         ends = torch.tensor(context_ends, device=device)[block_of]  # (Q,)
         sees_context = torch.arange(length, device=device)[None, :] < ends[:, None]  # (Q, T)
         sees_block = block_of[None, :] == block_of[:, None]  # (Q, Q)
         visible = torch.cat([sees_context, sees_block], dim=1)[None]  # (1, Q, T + Q)
-        block_real = context_real.new_ones(context_real.shape[0], num_blocks * block_length)
-        if block_mask is not None:
-            block_real = block_mask.bool()
-        key_real = torch.cat([context_real, block_real], dim=1)[:, None, :]  # (B, 1, T + Q)
-        dtype = next(iter(keys.values())).dtype if keys else torch.float32
-        mask = additive_mask((visible & key_real)[:, None], dtype)  # (B, 1, Q, T + Q)
+        mask = additive_mask((visible & key_real[:, None, :])[:, None], dtype)  # (B, 1, Q, T + Q)
     return DenoiserContext(keys, values, conv_history, ssm_states, mask, num_blocks)
 
 
@@ -295,11 +304,12 @@ class TwoTowerContextTower(TwoTowerPreTrainedModel, NemotronHModel):
     @torch.compiler.disable  # bookkeeping around one pass; the pass itself is Nemotron-H's forward
     @torch.no_grad()
     def training_context(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, block_size: int
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, block_size: int, dense: bool = False
     ) -> DenoiserContext:
         """Read a clean sequence `(B, nb * S)` in one causal pass, keeping what every block's denoiser pass needs: all
         K/V, and the Mamba states at the start of every block (recorded by the Mamba mixers during the pass). Block
-        `b` sees context positions `< b * S`."""
+        `b` sees context positions `< b * S`: blockwise, or through a dense (nb * S, 2 * nb * S) mask with `dense`
+        (the reference the tests compare with)."""
         num_blocks = input_ids.shape[1] // block_size
         cache = TwoTowerCache(self.config)
         cache.block_size = block_size
@@ -310,7 +320,7 @@ class TwoTowerContextTower(TwoTowerPreTrainedModel, NemotronHModel):
         ssm_states = {i: ssm.flatten(0, 1) for i, (_, ssm) in cache.block_starts.items()}
         ends = [b * block_size for b in range(num_blocks)]
         return denoiser_view(
-            keys, values, conv_history, ssm_states, attention_mask, ends, block_size, block_mask=attention_mask
+            keys, values, conv_history, ssm_states, attention_mask, ends, block_size, attention_mask, dense
         )
 
     def zero_mamba_states(self, batch_size: int, device: torch.device) -> MambaStates:

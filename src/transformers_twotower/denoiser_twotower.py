@@ -13,6 +13,7 @@ context, t)` gives the hidden states of noisy blocks after a `DenoiserContext`. 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput
@@ -111,9 +112,17 @@ class DenoiserAttention(NemotronHAttention):
         context_values: torch.Tensor,
         attention_mask: torch.Tensor | None,
         num_blocks: int = 1,
+        blockwise: bool = False,
+        key_padding: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """hidden_states: (B * nb, S, H), context K/V: (B, kv_heads, T, hd), attention_mask: additive, broadcastable
-        to (B, heads, nb * S, T + nb * S), or None for "every key visible". No causal mask."""
+        """hidden_states: (B * nb, S, H), context K/V: (B, kv_heads, T, hd). No causal mask.
+
+        Dense (inference, and the reference): `attention_mask` additive, broadcastable to (B, heads, nb * S, T + nb * S),
+        or None for "every key visible". Blockwise (training, `T = nb * S`): block `b` attends to the context keys
+        `< b * S` and its own block, one attention call per block, so no (nb * S, T + nb * S) mask is ever built and
+        memory grows linearly with the sequence; `key_padding` (B, T + nb * S) is additive, or None when every key is
+        real.
+        """
         rows, length, _ = hidden_states.shape
         hidden_states = hidden_states.reshape(rows // num_blocks, num_blocks * length, -1)  # (B, nb * S, H)
         hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
@@ -122,26 +131,57 @@ class DenoiserAttention(NemotronHAttention):
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, kv_heads, nb * S, hd)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         # The context K/V (written by the context tower, perhaps on another device) move to this layer.
-        key = torch.cat([context_keys.to(key.device, key.dtype), key], dim=2)  # (B, kv_heads, T + nb * S, hd)
-        value = torch.cat([context_values.to(value.device, value.dtype), value], dim=2)
+        context_keys = context_keys.to(key.device, key.dtype)
+        context_values = context_values.to(value.device, value.dtype)
+        dropout = self.attention_dropout if self.training else 0.0
+        if blockwise:
+            output = self._blockwise(query, key, value, context_keys, context_values, key_padding, num_blocks, dropout)
+            return self.o_proj(output.reshape(rows, length, -1))
+
+        key = torch.cat([context_keys, key], dim=2)  # (B, kv_heads, T + nb * S, hd)
+        value = torch.cat([context_values, value], dim=2)
         if attention_mask is not None:
             attention_mask = attention_mask.to(query.device)
-
         # Arbitrary masks need eager or sdpa; other kernels (flash) cannot express the block structure.
         implementation = self.config._attn_implementation
         implementation = implementation if implementation in ("eager", "sdpa") else "sdpa"
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         output, _ = attention(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            is_causal=False,
+            self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, is_causal=False
         )  # (B, nb * S, heads, hd)
         return self.o_proj(output.reshape(rows, length, -1))
+
+    def _blockwise(self, query, key, value, context_keys, context_values, key_padding, num_blocks, dropout):
+        """Block `b`'s queries over [context keys < b * S | block b's keys]; returns (B, nb * S, heads, hd)."""
+        block = query.shape[2] // num_blocks
+        context_length = context_keys.shape[2]
+        if context_length != num_blocks * block:
+            raise ValueError(
+                f"blockwise attention reads a context of nb * S = {num_blocks * block} keys, got {context_length}"
+            )
+        if key_padding is not None:
+            key_padding = key_padding.to(query.device, query.dtype)
+        outputs = []
+        for b in range(num_blocks):
+            own = slice(b * block, (b + 1) * block)
+            keys = torch.cat([context_keys[:, :, : b * block], key[:, :, own]], dim=2)  # (B, kv_heads, (b+1) S, hd)
+            values = torch.cat([context_values[:, :, : b * block], value[:, :, own]], dim=2)
+            mask = None
+            if key_padding is not None:
+                own_keys = slice(context_length + b * block, context_length + (b + 1) * block)
+                mask = torch.cat([key_padding[:, : b * block], key_padding[:, own_keys]], dim=1)[:, None, None, :]
+            outputs.append(
+                F.scaled_dot_product_attention(
+                    query[:, :, own],
+                    keys,
+                    values,
+                    attn_mask=mask,
+                    dropout_p=dropout,
+                    scale=self.scaling,
+                    enable_gqa=True,
+                )  # fmt: skip
+            )  # (B, heads, S, hd)
+        return torch.cat(outputs, dim=2).transpose(1, 2)
 
 
 class DenoiserMamba2Mixer(TwoTowerMamba2Mixer):
@@ -179,7 +219,10 @@ class TwoTowerDenoiserBlock(TwoTowerBlock):
         if self.block_type == "linear_attention":
             out = self.mixer(normed, context.conv_history[i], context.ssm_states[i])
         elif self.block_type == "full_attention":
-            out = self.mixer(normed, context.keys[i], context.values[i], context.attention_mask, context.num_blocks)
+            out = self.mixer(
+                normed, context.keys[i], context.values[i], context.attention_mask, context.num_blocks,
+                context.blockwise, context.key_padding,
+            )  # fmt: skip
         else:
             out = self.mixer(normed)
 
