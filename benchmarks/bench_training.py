@@ -6,13 +6,15 @@ For each length, one batch of `--tokens` tokens (batch = tokens / length, at lea
 `model(input_ids, labels=input_ids).loss.backward()` (the frozen context tower without gradient, the denoiser with);
 the AR step is the same on transformers' `NemotronHForCausalLM` holding the context tower (the backbone trained
 autoregressively). Step time is process CPU time on 1 thread, the two alternated, median of `--repeats`. Peak
-memory is the resident-set growth of one step, each measured in a fresh process (`ru_maxrss` only ever grows).
+memory is how far one step lifts the peak resident set above what was resident before it, in a fresh process for
+each (Linux: the peak is reset through /proc/self/clear_refs).
 Writes `benchmarks/results/training_cpu.json`: a list of rows
 `{seq_len, batch_size, twotower_seconds, ar_seconds, ratio, twotower_peak_mb, ar_peak_mb}`.
 """
 
 import argparse
 import json
+import re
 import resource
 import statistics
 import subprocess
@@ -54,19 +56,25 @@ def batch(vocab: int, length: int, tokens: int) -> torch.Tensor:
 
 
 def peak_mb(folder: str, which: str, length: int, tokens: int) -> float:
-    """One step in a fresh process (this script with `--peak`): its growth of the peak resident set, in MB."""
+    """One step in a fresh process (this script with `--peak`): its peak resident memory above the start, in MB."""
     command = [sys.executable, __file__, "--model", folder, "--tokens", str(tokens), "--peak", which, str(length)]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return round(float(result.stdout.strip().splitlines()[-1]), 1)
+
+
+def memory_kb(field: str) -> int:
+    """`VmRSS` (resident now) or `VmHWM` (peak resident) of this process, from /proc (Linux)."""
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
 def measure_peak(folder: str, which: str, length: int, tokens: int):
     twotower, ar = load_models(folder)
     model = twotower if which == "twotower" else ar
     ids = batch(twotower.config.vocab_size, length, tokens)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak to what is resident now
+    before = memory_kb("VmRSS")
     step(model, ids)
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    print((memory_kb("VmHWM") - before) / 1024)
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -151,6 +152,14 @@ class DenoiserAttention(NemotronHAttention):
         )  # (B, nb * S, heads, hd)
         return self.o_proj(output.reshape(rows, length, -1))
 
+    def _attend_block(self, query, key, value, context_keys, context_values, mask, dropout):
+        """One block's queries (B, heads, S, hd) over [context keys | its own keys]; returns (B, heads, S, hd)."""
+        keys = torch.cat([context_keys, key], dim=2)
+        values = torch.cat([context_values, value], dim=2)
+        return F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, dropout_p=dropout, scale=self.scaling, enable_gqa=True
+        )
+
     def _blockwise(self, query, key, value, context_keys, context_values, key_padding, num_blocks, dropout):
         """Block `b`'s queries over [context keys < b * S | block b's keys]; returns (B, nb * S, heads, hd)."""
         block = query.shape[2] // num_blocks
@@ -164,23 +173,18 @@ class DenoiserAttention(NemotronHAttention):
         outputs = []
         for b in range(num_blocks):
             own = slice(b * block, (b + 1) * block)
-            keys = torch.cat([context_keys[:, :, : b * block], key[:, :, own]], dim=2)  # (B, kv_heads, (b+1) S, hd)
-            values = torch.cat([context_values[:, :, : b * block], value[:, :, own]], dim=2)
             mask = None
             if key_padding is not None:
                 own_keys = slice(context_length + b * block, context_length + (b + 1) * block)
                 mask = torch.cat([key_padding[:, : b * block], key_padding[:, own_keys]], dim=1)[:, None, None, :]
-            outputs.append(
-                F.scaled_dot_product_attention(
-                    query[:, :, own],
-                    keys,
-                    values,
-                    attn_mask=mask,
-                    dropout_p=dropout,
-                    scale=self.scaling,
-                    enable_gqa=True,
-                )  # fmt: skip
-            )  # (B, heads, S, hd)
+            inputs = (query[:, :, own], key[:, :, own], value[:, :, own], context_keys[:, :, : b * block],
+                      context_values[:, :, : b * block], mask, dropout)  # fmt: skip
+            if torch.is_grad_enabled():
+                # Recomputed in the backward pass: otherwise every block would keep its own copy of the context keys
+                # and its attention weights for backward, memory quadratic in the sequence again.
+                outputs.append(checkpoint(self._attend_block, *inputs, use_reentrant=False))
+            else:
+                outputs.append(self._attend_block(*inputs))
         return torch.cat(outputs, dim=2).transpose(1, 2)
 
 
