@@ -170,3 +170,24 @@ def test_finetune_script_under_torchrun(saved_model, tmp_path):
     tuned = TwoTowerForDiffusionLM.from_pretrained(out)
     assert not torch.equal(tuned.lm_head.weight, model.lm_head.weight)
     assert torch.equal(tuned.context_tower.lm_head.weight, model.context_tower.lm_head.weight)
+
+
+def test_fsdp_two_processes_train_like_one_and_save_a_full_checkpoint(tmp_path):
+    """FSDP2 over 2 CPU processes (gloo), both towers sharded, gives the single-process weights (to 1e-5), and its
+    full checkpoint reloads with `from_pretrained` in the release's layout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE)}
+    run = lambda *cmd: subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)  # noqa: E731
+    one = run(sys.executable, "fsdp_worker.py", str(tmp_path / "one.pt"), str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+              "fsdp_worker.py", str(tmp_path / "two.pt"), str(tmp_path / "two"))  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    single, sharded = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    initial = tiny_model(seed=0).state_dict()
+    assert max((single[k] - initial[k]).abs().max() for k in single) > 1e-2, "training must move the weights"
+    assert all(torch.equal(sharded[k], initial[k]) for k in initial if k.startswith("context_tower."))
+    for name in single:
+        torch.testing.assert_close(sharded[name], single[name], rtol=0, atol=1e-5, msg=name)
+    reloaded = TwoTowerForDiffusionLM.from_pretrained(tmp_path / "two")
+    for name, tensor in reloaded.state_dict().items():
+        torch.testing.assert_close(tensor, sharded[name], rtol=0, atol=0, msg=name)
