@@ -59,6 +59,18 @@ def test_finetune_script(saved_model, tmp_path):
     assert (out / "tokenizer.json").exists()
 
 
+def test_fsdp_switch(saved_model, tmp_path):
+    """`--fsdp` asks Accelerate for FSDP2 with every block of both towers a unit; on the CPU it refuses, naming why
+    (Accelerate would silently run DDP there), instead of training unsharded."""
+    config = finetune.fsdp_arguments()
+    assert config["fsdp"] is True and config["fsdp_config"]["fsdp_version"] == 2
+    model, _ = saved_model
+    wrapped = set(config["fsdp_config"]["transformer_layer_cls_to_wrap"])
+    assert wrapped == {type(layer).__name__ for layer in [*model.context_tower.layers, *model.denoiser_tower.layers]}
+    with pytest.raises(SystemExit, match="--fsdp needs GPUs.*MULTI_CPU"):
+        finetune.main(["--model", "m", "--data", "d.txt", "--output", str(tmp_path), "--fsdp", "--cpu"])
+
+
 def test_jsonl_data_and_packing(tmp_path):
     tokenizer = word_tokenizer(64)
     data = tmp_path / "corpus.jsonl"
