@@ -475,9 +475,12 @@ class TwoTowerGenerationMixin(GenerationMixin):
                 logits = self.denoise_step(block, cache, t)
                 pred, confidence = predict_tokens(logits, mask_id, warpers, generator)
                 commit = commit_mask(confidence, masked, step, steps, config.confidence_threshold)
-                record = DiffusionStep(block=block_idx, step=step, tokens=block, t=t, logits=logits, committed=commit)
-                for observe in observers:
-                    observe(record)
+                if observers:
+                    record = DiffusionStep(
+                        block=block_idx, step=step, tokens=block, t=t, logits=logits, committed=commit
+                    )
+                    for observe in observers:
+                        observe(record)
                 block = torch.where(commit, pred, block)
                 tracker.nfe += active
 
