@@ -71,7 +71,10 @@ def generate(args) -> int:
     )
     # A short run first: transformers' one-time notices (which kernels fall back to PyTorch) go to stderr now, not
     # into the streamed text. It also checks the options before anything is printed.
-    model.generate(ids[:, :1], **{**options, "max_new_tokens": 2 * args.block_size, "max_length": None})
+    # Two blocks of one step each reach every kernel (prefill, denoiser step, block extension; AR: one-token decode).
+    model.generate(
+        ids[:, :1], **{**options, "max_new_tokens": 2 * args.block_size, "max_length": None, "steps_per_block": 1}
+    )
     streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
     start = time.perf_counter()
     out = model.generate(ids, streamer=streamer, return_dict_in_generate=True, **options)

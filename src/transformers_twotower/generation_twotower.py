@@ -35,6 +35,8 @@ TWOTOWER_DEFAULTS = {
     "output_history": False,
     "keep_eos_block": False,
 }
+# A model's defaults on top of them: 128 new tokens, greedy.
+MODEL_DEFAULTS = {**TWOTOWER_DEFAULTS, "max_new_tokens": 128, "do_sample": False}
 # The GenerationConfig fields this `generate` reads. Any other field set to something other than its default raises,
 # instead of being ignored; `num_beams`, `num_return_sequences` and `use_cache` are checked on their own.
 SUPPORTED_FIELDS = frozenset(
@@ -87,7 +89,7 @@ class TwoTowerGenerationConfig(GenerationConfig):
 
     @staticmethod
     def _get_default_generation_params() -> dict:
-        return {**GenerationConfig._get_default_generation_params(), **TWOTOWER_DEFAULTS, "max_new_tokens": 128}
+        return {**GenerationConfig._get_default_generation_params(), **MODEL_DEFAULTS}
 
     @classmethod
     def from_model_config(cls, model_config) -> "TwoTowerGenerationConfig":
@@ -96,7 +98,7 @@ class TwoTowerGenerationConfig(GenerationConfig):
         Every value is written out, so that callers who fill in unset knobs (the text-generation pipeline samples by
         default) find them set, and `GenerationConfig.from_pretrained` reads the TwoTower fields back.
         """
-        values = {**TWOTOWER_DEFAULTS, "max_new_tokens": 128, "do_sample": False}
+        values = dict(MODEL_DEFAULTS)
         for name in ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id", "block_size"):
             if getattr(model_config, name, None) is not None:
                 values[name] = getattr(model_config, name)
