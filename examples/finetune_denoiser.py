@@ -2,6 +2,8 @@
 
     python examples/finetune_denoiser.py --model DIR --data corpus.txt --output OUT [--seq-len 512] [--max-steps 1000]
         [--batch-size 4] [--lr 1e-4] [--lora-r 16] [--text-field text] [--gradient-checkpointing]
+    python examples/finetune_denoiser.py --distill --model DIR --data corpus.txt --output OUT [--distill-prompts 512]
+        [--prompt-len 64] [--new-tokens 32] [--eval-prompts 16] [--eval-data held_out.jsonl]
 
     accelerate launch examples/finetune_denoiser.py ...        # several processes (DDP)
     torchrun --nproc-per-node 8 examples/finetune_denoiser.py ...
@@ -11,9 +13,18 @@ row), packed into sequences whose length is a multiple of the model's `block_siz
 masked-diffusion loss (`model(input_ids, labels=input_ids).loss`): the masking happens inside the model, so the
 default collator is enough. Only the denoiser and its time conditioning train; the context tower is frozen. With
 `--lora-r`, LoRA adapters go on the denoiser's attention and Mamba projections (the package's default targets).
+
+`--distill` is self-distillation: the targets are the context tower's own greedy continuations of prompts cut from
+the data (the AR tower is the teacher, and it is already inside the model). Each training row is `prompt |
+continuation` with the prompt's labels at -100 (never masked, clean context), so the denoiser learns to fill exactly
+the blocks `generate` asks it for. Before and after training, held-out prompts (`--eval-data`, or the data's last
+`--eval-prompts` windows, which are then not trained on) measure what distillation is for: tokens per denoiser forward
+and the token-level agreement of diffusion's greedy output with AR's (`distill_report.json` in `--output`).
 """
 
 import argparse
+import functools
+import json
 from pathlib import Path
 
 import torch
@@ -62,6 +73,66 @@ def with_bos_and_eos(tokenizer, text: str) -> list[int]:
     return [*ids, tokenizer.eos_token_id]
 
 
+# --- Self-distillation -------------------------------------------------------------------------------------------
+
+
+def token_windows(tokenizer, path: str, length: int, text_field: str = "text") -> torch.Tensor:
+    """Consecutive `length`-token windows `(N, length)` of the data's `<s> text </s>` stream."""
+    ids = [token for t in load_text_rows(path, text_field) if t for token in with_bos_and_eos(tokenizer, t)]
+    count = len(ids) // length
+    if count == 0:
+        raise ValueError(f"{path} holds {len(ids)} tokens, fewer than one {length}-token prompt; lower --prompt-len.")
+    return torch.tensor(ids[: count * length]).view(count, length)
+
+
+@torch.no_grad()
+def greedy(model, prompts: torch.Tensor, new_tokens: int, batch_size: int, **options) -> tuple[torch.Tensor, int]:
+    """Greedy continuations `(N, new_tokens)` of the (unpadded) prompts and the denoiser or tower forwards they took;
+    `options` go to `generate` (`generation_mode`, `confidence_threshold`, ...). No EOS: every row is full length."""
+    device = next(model.parameters()).device
+    outputs, forwards = [], 0
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size].to(device)
+        out = model.generate(
+            batch, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, return_dict_in_generate=True,
+            **options,
+        )  # fmt: skip
+        outputs.append(out.sequences[:, batch.shape[1] :].cpu())
+        forwards += int(out.nfe.sum())
+    return torch.cat(outputs), forwards
+
+
+def distillation_dataset(model, prompts: torch.Tensor, new_tokens: int, batch_size: int) -> Dataset:
+    """Rows `prompt | AR continuation`, labels -100 on the prompt. The prompt length must be whole blocks, so the
+    continuation's blocks are the ones `generate` fills."""
+    block_size = model.config.block_size
+    if prompts.shape[1] % block_size:
+        raise ValueError(
+            f"--prompt-len ({prompts.shape[1]}) must be a multiple of the model's block_size ({block_size})."
+        )
+    continuations, _ = greedy(model, prompts, new_tokens, batch_size, generation_mode="ar")
+    input_ids = torch.cat([prompts, continuations], dim=1)
+    labels = input_ids.clone()
+    labels[:, : prompts.shape[1]] = -100
+    return Dataset.from_dict({"input_ids": input_ids.tolist(), "labels": labels.tolist()})
+
+
+def agreement_with_ar(model, prompts: torch.Tensor, new_tokens: int, batch_size: int, threshold=None) -> dict:
+    """Mask diffusion's greedy output against AR's on the same prompts: tokens per denoiser forward and the fraction
+    of generated tokens equal to AR's (quality retention that needs no labels)."""
+    was_training = model.training
+    model.eval()
+    ar, _ = greedy(model, prompts, new_tokens, batch_size, generation_mode="ar")
+    options = {} if threshold is None else {"confidence_threshold": threshold}
+    diffusion, forwards = greedy(model, prompts, new_tokens, batch_size, generation_mode="mask_diffusion", **options)
+    model.train(was_training)
+    return {
+        "prompts": len(prompts),
+        "tokens_per_forward": round(diffusion.numel() / forwards, 4),
+        "agreement_with_ar": round((diffusion == ar).float().mean().item(), 4),
+    }
+
+
 def fsdp_arguments() -> dict:
     """FSDP2 through Accelerate: every block of both towers a unit (the frozen context tower is sharded too, weights
     only: the least memory per process, docs/training.md), a full state dict saved in the release's layout."""
@@ -93,6 +164,15 @@ def main(argv=None):
     parser.add_argument(
         "--fsdp", action="store_true", help="shard both towers with FSDP2 (GPUs; see docs/training.md)"
     )
+    distill = parser.add_argument_group("self-distillation")
+    distill.add_argument("--distill", action="store_true", help="train on the AR tower's greedy continuations")
+    distill.add_argument("--distill-prompts", type=int, default=512, help="training prompts (at most)")
+    distill.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt (whole blocks)")
+    distill.add_argument("--new-tokens", type=int, default=32, help="tokens per continuation")
+    distill.add_argument("--eval-prompts", type=int, default=16)
+    distill.add_argument("--eval-data", help="held-out text for the evaluation prompts (default: the data's tail)")
+    distill.add_argument("--threshold", type=float, help="confidence threshold of the evaluation (default: model's)")
+    distill.add_argument("--generate-batch-size", type=int, default=32)
     args = parser.parse_args(argv)
     if args.fsdp and (args.cpu or not torch.cuda.is_available()):
         raise SystemExit(
@@ -103,7 +183,22 @@ def main(argv=None):
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = TwoTowerForDiffusionLM.from_pretrained(args.model, dtype=torch.float32)
-    dataset = build_dataset(tokenizer, args.data, args.seq_len, model.config.block_size, args.text_field)
+    if args.distill:
+        windows = token_windows(tokenizer, args.data, args.prompt_len, args.text_field)
+        if args.eval_data:
+            held_out = token_windows(tokenizer, args.eval_data, args.prompt_len, args.text_field)[: args.eval_prompts]
+        else:  # the tail, never trained on
+            held_out, windows = windows[-args.eval_prompts :], windows[: -args.eval_prompts]
+        # Spread the training prompts over the whole data, not its first pages.
+        prompts = windows[torch.linspace(0, len(windows) - 1, min(args.distill_prompts, len(windows))).long()]
+        evaluate = functools.partial(
+            agreement_with_ar, prompts=held_out, new_tokens=args.new_tokens,
+            batch_size=args.generate_batch_size, threshold=args.threshold,
+        )  # fmt: skip
+        report = {"before": evaluate(model)}
+        dataset = distillation_dataset(model, prompts, args.new_tokens, args.generate_batch_size)
+    else:
+        dataset = build_dataset(tokenizer, args.data, args.seq_len, model.config.block_size, args.text_field)
     if args.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -131,6 +226,10 @@ def main(argv=None):
     trainer.save_model(args.output)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(args.output)
+        if args.distill:
+            report |= {"after": evaluate(model), "train_prompts": len(dataset), "max_steps": args.max_steps}
+            (Path(args.output) / "distill_report.json").write_text(json.dumps(report, indent=2) + "\n")
+            print(json.dumps(report, indent=2))
     if torch.distributed.is_initialized():  # leave together: gloo aborts a process that exits with peers still up
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -9,6 +9,9 @@ import torch.nn.functional as F
 from conftest import RELEASE_FIXTURE, tiny_model
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
 
+from transformers_twotower import backbone_twotower
+from transformers_twotower.backbone_twotower import one_chunk_scan
+
 
 # The release's clamp of the Mamba dt, read from its config.json ([0.0, Infinity]: no clamp), never from the code.
 RELEASE_TIME_STEP_LIMIT = tuple(json.loads((RELEASE_FIXTURE / "config.json").read_text())["time_step_limit"])
@@ -55,8 +58,16 @@ def naive_seeded_mixer(mixer, hidden, conv_history, ssm_state, time_step_limit=R
     return y @ mixer.out_proj.weight.T, inputs[:, -kernel:].transpose(1, 2), state
 
 
+@pytest.mark.parametrize("shortcuts", [True, False], ids=["short-block-shortcuts", "chunked-only"])
 @pytest.mark.parametrize("length", [3, 8, 13, 17])  # chunk_size is 8: shorter, equal, longer, > 2 chunks
-def test_seeded_scan_equals_naive_recurrence(length):
+def test_seeded_scan_equals_naive_recurrence(length, shortcuts, monkeypatch):
+    """Blocks no longer than a chunk take the one-chunk quadratic form and the per-tap conv on the CPU; with the
+    shortcuts off they take the chunked scan and the convolution, as they do where the kernels are installed."""
+    assert backbone_twotower.SHORT_BLOCK_SCAN and backbone_twotower.SHORT_BLOCK_CONV  # no kernels in this suite
+    monkeypatch.setattr(backbone_twotower, "SHORT_BLOCK_SCAN", shortcuts)
+    monkeypatch.setattr(backbone_twotower, "SHORT_BLOCK_CONV", shortcuts)
+    calls = []
+    monkeypatch.setattr(backbone_twotower, "one_chunk_scan", lambda *a: calls.append(1) or one_chunk_scan(*a))
     model = tiny_model()
     mixer = model.denoiser_tower.layers[0].mixer
     assert mixer.chunk_size == 8
@@ -70,6 +81,7 @@ def test_seeded_scan_equals_naive_recurrence(length):
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast_conv, slow_conv, rtol=0, atol=0)  # the last K raw conv inputs
     torch.testing.assert_close(fast_state, slow_state, rtol=1e-4, atol=1e-5)
+    assert len(calls) == (shortcuts and length <= mixer.chunk_size)
 
 
 def test_seed_matters():

@@ -9,6 +9,9 @@
 See docs/architecture.md ("The backbone", "Context-seeded Mamba").
 """
 
+import inspect
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +28,63 @@ from transformers.models.nemotron_h.modeling_nemotron_h import (
 )
 
 from .configuration_twotower import TwoTowerConfig
+
+
+def uses_package_kernel(function) -> bool:
+    """Whether transformers bound one of Nemotron-H's kernelized functions to its package (mamba-ssm,
+    causal-conv1d) rather than to its torch fallback. Read from the wrapper transformers builds; if that ever changes
+    shape, the answer is True, which only costs the short-block shortcuts below, never exactness."""
+    try:
+        return bool(inspect.getclosurevars(function).nonlocals.get("is_new_implementation", True))
+    except (TypeError, ValueError):
+        return True
+
+
+# Without the packages, a block no longer than a chunk (every denoiser step, every block extension) is cheaper on
+# the shortcuts below than through the torch fallbacks (2-3x, docs/architecture.md "Speed"); with them, the kernels.
+SHORT_BLOCK_CONV = not uses_package_kernel(causal_conv1d_fn)
+SHORT_BLOCK_SCAN = not uses_package_kernel(mamba2_chunk_scan)
+
+
+def short_causal_conv(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, length: int):
+    """The depthwise causal conv's last `length` outputs, one multiply-add per tap (no convolution call).
+    inputs (B, C, K - 1 + length); weight (C, K); returns (B, C, length), before the activation."""
+    kernel = weight.shape[-1]
+    out = (
+        inputs[..., :length] * weight[:, :1]
+        if bias is None
+        else torch.addcmul(bias[:, None], inputs[..., :length], weight[:, :1])
+    )
+    for k in range(1, kernel):
+        out = torch.addcmul(out, inputs[..., k : k + length], weight[:, k : k + 1])
+    return out
+
+
+def one_chunk_scan(x, dt, A, B, C, D, h0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SSD scan of a block no longer than a chunk, from state `h0`, as one quadratic form (what the chunked scan
+    computes inside a chunk, without its chunk and state-passing steps), fp32:
+
+        y_t = D x_t + C_t . (exp(a_1 + ... + a_t) h0 + sum_{s <= t} exp(a_{s+1} + ... + a_t) dt_s x_s B_s^T),  a = dt A
+
+    x (b, L, heads, hd); dt (b, L, heads); A, D (heads,); B, C (b, L, groups, N); h0 (b, heads, hd, N).
+    Returns y (b, L, heads, hd) and the state after the block (b, heads, hd, N).
+    """
+    length, heads = x.shape[1], x.shape[2]
+    per_group = heads // B.shape[2]
+    cumulative = (dt * A).transpose(1, 2).cumsum(-1)  # (b, heads, L)
+    causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+    decay = (cumulative[..., :, None] - cumulative[..., None, :]).masked_fill(~causal, -math.inf).exp()  # (b, h, t, s)
+    B = B.transpose(1, 2).repeat_interleave(per_group, dim=1)  # (b, heads, L, N)
+    C = C.transpose(1, 2).repeat_interleave(per_group, dim=1)
+    x = x.transpose(1, 2)  # (b, heads, L, hd)
+    dt = dt.transpose(1, 2)  # (b, heads, L)
+    # [C B^T * decay * dt_s | C exp(cumulative)] @ [x ; h0^T]: the block's own inputs and the given state, one product.
+    scores = (C @ B.transpose(-1, -2)) * decay * dt[..., None, :]
+    readout = torch.cat([scores, C * cumulative.exp()[..., None]], dim=-1)
+    y = readout @ torch.cat([x, h0.transpose(-1, -2)], dim=-2) + D[:, None, None] * x
+    to_end = (cumulative[..., -1:] - cumulative).exp() * dt  # (b, heads, L)
+    state = (x * to_end[..., None]).transpose(-1, -2) @ B + cumulative[..., -1].exp()[..., None, None] * h0
+    return y.transpose(1, 2), state
 
 
 class TwoTowerPreTrainedModel(NemotronHPreTrainedModel):
@@ -75,10 +135,14 @@ class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
         # device (the context tower's): it moves to this layer.
         history = conv_history.to(device=xBC.device, dtype=xBC.dtype)
         conv_inputs = torch.cat([history, xBC.transpose(1, 2)], dim=-1)  # (B, conv_dim, K - 1 + L)
-        xBC = causal_conv1d_fn(
-            conv_inputs, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation
-        )
-        xBC = apply_mask_to_padding_states(xBC[..., -length:].transpose(1, 2), attention_mask)  # (B, L, conv_dim)
+        short = length <= self.chunk_size
+        if short and SHORT_BLOCK_CONV:
+            xBC = self.act(short_causal_conv(conv_inputs, self.conv1d.weight.squeeze(1), self.conv1d.bias, length))
+        else:
+            xBC = causal_conv1d_fn(
+                conv_inputs, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation
+            )[..., -length:]
+        xBC = apply_mask_to_padding_states(xBC.transpose(1, 2), attention_mask)  # (B, L, conv_dim)
         groups_state = self.n_groups * self.ssm_state_size
         x, B, C = xBC.split([self.intermediate_size, groups_state, groups_state], dim=-1)
         x = x.float().reshape(batch_size, length, self.num_heads, self.head_dim)
@@ -87,25 +151,29 @@ class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
 
         # 2. SSM scan in fp32. The scan is linear in its state: scan(x; h0) = scan(x; 0) + h0 decayed and read by C.
         # So the chunked kernel always starts from zero (it has been reported wrong with an initial state and a
-        # block shorter than its chunk) and the given state enters exactly, in closed form.
+        # block shorter than its chunk) and the given state enters exactly, in closed form. Without the kernel, a
+        # short block is one quadratic form with the state folded in.
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.time_step_limit)  # (B, L, heads)
         A = -torch.exp(self.A_log.float())  # (heads,)
-        y, zero_start_state = mamba2_chunk_scan(
-            x.contiguous(),
-            dt.contiguous(),
-            A,
-            B.contiguous(),
-            C.contiguous(),
-            chunk_size=self.chunk_size,
-            D=self.D.float(),
-            return_final_states=True,
-        )  # (B, L, heads, hd), (B, heads, hd, N)
         h0 = ssm_state.to(device=x.device, dtype=torch.float32)
-        decay = torch.exp(torch.cumsum(dt * A, dim=1))  # (B, L, heads): decay of h0 up to and including step t
         heads_per_group = self.num_heads // self.n_groups
-        C_heads = C.repeat_interleave(heads_per_group, dim=2)  # (B, L, heads, N)
-        y = y + torch.einsum("blhn,bhpn->blhp", C_heads, h0) * decay[..., None]
-        final_state = zero_start_state + decay[:, -1, :, None, None] * h0
+        if short and SHORT_BLOCK_SCAN:
+            y, final_state = one_chunk_scan(x, dt, A, B, C, self.D.float(), h0)
+        else:
+            y, zero_start_state = mamba2_chunk_scan(
+                x.contiguous(),
+                dt.contiguous(),
+                A,
+                B.contiguous(),
+                C.contiguous(),
+                chunk_size=self.chunk_size,
+                D=self.D.float(),
+                return_final_states=True,
+            )  # (B, L, heads, hd), (B, heads, hd, N)
+            decay = torch.exp(torch.cumsum(dt * A, dim=1))  # (B, L, heads): decay of h0 up to and including step t
+            C_heads = C.repeat_interleave(heads_per_group, dim=2)  # (B, L, heads, N)
+            y = y + torch.einsum("blhn,bhpn->blhp", C_heads, h0) * decay[..., None]
+            final_state = zero_start_state + decay[:, -1, :, None, None] * h0
 
         # 3. Gated group norm, output projection.
         y = self.norm(y.reshape(batch_size, length, -1), gate)
