@@ -72,6 +72,51 @@ def test_finished_rows_stop_costing_forwards(model):
 # --- caches -------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_idle_rows_are_not_computed_and_change_nothing(model, monkeypatch, sampled):
+    """Rows whose block is complete are left out of the denoiser's forward, and finished rows leave the cache (both
+    towers stop computing for them): the tokens, NFE and sampling stream are those of the path that runs every row."""
+    rows = prompts(model, [3, 9, 5, 7, 4, 8, 6, 2], seed=4)
+    ids, mask = left_pad(rows)
+    kwargs = dict(generation_mode="mask_diffusion", max_new_tokens=24, pad_token_id=0, **DIFFUSION)
+    if sampled:
+        kwargs.update(do_sample=True, temperature=0.9, top_k=20)
+    free = model.generate(ids, attention_mask=mask, eos_token_id=None, **kwargs)[:, ids.shape[1] :]
+    # EOS: a token of row 0's second block that the fewest other rows produce, so some rows finish and some don't.
+    eos = min(free[0, 4:8].tolist(), key=lambda token: int((free == token).any(-1).sum()))
+    kwargs["eos_token_id"] = eos
+
+    computed = {"denoiser": 0, "context": 0}
+    denoise_step, extend_context = type(model).denoise_step, type(model).extend_context
+
+    def counted_denoise(self, block_ids, *args, **kw):
+        computed["denoiser"] += block_ids.shape[0]
+        return denoise_step(self, block_ids, *args, **kw)
+
+    def counted_extend(self, cache, token_ids, *args, **kw):
+        computed["context"] += token_ids.shape[0]
+        return extend_context(self, cache, token_ids, *args, **kw)
+
+    monkeypatch.setattr(type(model), "denoise_step", counted_denoise)
+    monkeypatch.setattr(type(model), "extend_context", counted_extend)
+    runs = {}
+    for skip in (False, True):
+        monkeypatch.setattr(type(model), "_skip_idle_rows", skip)
+        computed.update(denoiser=0, context=0)
+        out = model.generate(
+            ids, attention_mask=mask, return_dict_in_generate=True, generator=torch.Generator().manual_seed(1),
+            **kwargs,
+        )  # fmt: skip
+        runs[skip] = (out, dict(computed))
+    (plain, plain_rows), (skipping, skipped_rows) = runs[False], runs[True]
+    assert torch.equal(skipping.sequences, plain.sequences) and torch.equal(skipping.nfe, plain.nfe)
+    finished_early = (skipping.sequences[:, ids.shape[1] :] == eos).any(-1)
+    assert finished_early[0] and not finished_early.all()
+    # The plain path runs every row at every step; rows with nothing masked are the difference.
+    assert skipped_rows["denoiser"] == int(skipping.nfe.sum()) < plain_rows["denoiser"]
+    assert skipped_rows["context"] < plain_rows["context"]
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_context_is_never_recomputed(model, mode, monkeypatch):
     """Context-tower token columns processed == prompt + everything committed except the last commit (nothing

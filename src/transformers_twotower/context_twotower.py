@@ -54,6 +54,18 @@ class DenoiserContext:
     blockwise: bool = False
     key_padding: torch.Tensor | None = None
 
+    def select_rows(self, rows: torch.LongTensor) -> "DenoiserContext":
+        """The view of these rows only (inference: one block per row), each tensor gathered on its own device."""
+        if self.num_blocks != 1:
+            raise ValueError("Only a one-block (inference) view can be narrowed to some of its rows.")
+        pick = lambda tensors: {i: x.index_select(0, rows.to(x.device)) for i, x in tensors.items()}  # noqa: E731
+        mask = self.attention_mask
+        if mask is not None:
+            mask = mask.index_select(0, rows.to(mask.device))
+        return DenoiserContext(
+            pick(self.keys), pick(self.values), pick(self.conv_history), pick(self.ssm_states), mask
+        )
+
 
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Boolean `visible` -> 0 where visible, the dtype's most negative value elsewhere (finite: no NaN rows)."""
@@ -171,14 +183,31 @@ class TwoTowerCache(DynamicCache):
         return {i: (conv.clone(), ssm.clone()) for i, (conv, ssm) in self.mamba_states().items()}
 
     @torch.compiler.disable  # bookkeeping (a memo of views), no math worth compiling
-    def denoiser_context(self, block_length: int, behind: bool = False) -> DenoiserContext:
+    def denoiser_context(
+        self, block_length: int, behind: bool = False, rows: torch.LongTensor | None = None
+    ) -> DenoiserContext:
         """The denoiser's view of this context for one block of `block_length` tokens per row, memoised until the
-        context tower writes again. `behind=True` is Mock-AR's view, the context one token behind."""
-        key = (self.num_context_tokens, block_length, behind)
+        context tower writes again. `behind=True` is Mock-AR's view, the context one token behind. `rows` narrows it
+        to some of the cache's rows (in that order)."""
+        key = (self.num_context_tokens, block_length, behind, None if rows is None else tuple(rows.tolist()))
         if key not in self._views:
             self._views = {k: v for k, v in self._views.items() if k[0] == self.num_context_tokens}
-            self._views[key] = self._build_view(block_length, behind)
+            if rows is None:
+                self._views[key] = self._build_view(block_length, behind)
+            else:
+                self._views[key] = self.denoiser_context(block_length, behind).select_rows(rows)
         return self._views[key]
+
+    def keep_rows(self, rows: torch.LongTensor) -> None:
+        """Keep only these rows of the batch (in this order), in every tensor the cache holds; generation drops the
+        rows that have finished, so that neither tower computes for them again."""
+        self.reorder_cache(rows)  # transformers' per-layer row gather: K/V, conv and SSM states
+        pick = lambda x: None if x is None else x.index_select(0, rows.to(x.device))  # noqa: E731
+        self.attention_mask = pick(self.attention_mask)
+        self.next_token_logits = pick(self.next_token_logits)
+        if self.mamba_states_behind is not None:
+            self.mamba_states_behind = {i: (pick(c), pick(s)) for i, (c, s) in self.mamba_states_behind.items()}
+        self._views = {}
 
     def _build_view(self, block_length: int, behind: bool) -> DenoiserContext:
         if self.attention_mask is None:

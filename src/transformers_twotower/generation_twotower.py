@@ -131,8 +131,8 @@ class DiffusionStep(ModelOutput):
     """One denoiser step of mask diffusion, as `step_callback` and `output_history` see it.
 
     block: index of the block; step: index of the step in the block; tokens: `(B, S)` the block before the step;
-    t: `(B,)` each row's masked fraction; logits: `(B, S, V)` the denoiser's logits (None in the history);
-    committed: `(B, S)` bool, the positions that took their prediction at this step.
+    t: `(B,)` each row's masked fraction; logits: `(B, S, V)` the denoiser's logits (None in the history; 0 for rows
+    with nothing masked, which the denoiser does not compute); committed: `(B, S)` bool, the positions that took their prediction at this step.
     """
 
     block: int | None = None
@@ -162,6 +162,10 @@ class TwoTowerGenerationOutput(ModelOutput):
 class TwoTowerGenerationMixin(GenerationMixin):
     """`generate` for TwoTower's three modes (docs/architecture.md, "Generation"), plus the release's `generate_*`
     functions, which all go through `generate`."""
+
+    # Mask diffusion computes only rows with something masked (idle rows: a complete block, or finished) and drops
+    # finished rows from the cache. Off, every row runs every step (the reference the tests compare with).
+    _skip_idle_rows = True
 
     # ----------------------------------------------------------------------------------------------------------------
     # Entry points
@@ -462,10 +466,10 @@ class TwoTowerGenerationMixin(GenerationMixin):
             input_ids, config.max_new_tokens, config.pad_token_id, eos, config.keep_eos_block, streamer
         )
         cache = self.prefill(input_ids, attention_mask, keep_behind=False)  # only Mock-AR reads one token behind
+        in_cache = torch.arange(batch_size, device=input_ids.device)  # the batch row of every cache row
         for block_idx in range(math.ceil(config.max_new_tokens / block_size)):
             block = torch.full((batch_size, block_size), mask_id, dtype=torch.long, device=input_ids.device)
-            # Finished rows hold padding: nothing of theirs is masked, so they commit nothing and count no forward
-            # (they still run through the denoiser with the batch).
+            # Finished rows hold padding: nothing of theirs is masked, so they commit nothing and count no forward.
             block[tracker.finished] = config.pad_token_id
 
             for step in range(steps):
@@ -474,7 +478,7 @@ class TwoTowerGenerationMixin(GenerationMixin):
                 if not active.any():
                     break
                 t = masked.float().mean(-1)  # each row's fraction still masked
-                logits = self.denoise_step(block, cache, t)
+                logits = self._denoise_active_rows(block, cache, t, active, in_cache)
                 pred, confidence = predict_tokens(logits, mask_id, warpers, generator)
                 commit = commit_mask(confidence, masked, step, steps, config.confidence_threshold)
                 if observers:
@@ -490,8 +494,30 @@ class TwoTowerGenerationMixin(GenerationMixin):
             tracker.stop_where(stopping_criteria(tracker.sequences, None))
             if tracker.done:
                 break
-            self.extend_context(cache, block, keep_behind=False)  # the context tower reads the block once
+            if self._skip_idle_rows and tracker.finished[in_cache].any():
+                # Finished rows leave the cache: neither tower computes for them again.
+                keep = (~tracker.finished[in_cache]).nonzero()[:, 0]
+                cache.keep_rows(keep)
+                in_cache = in_cache[keep]
+            self.extend_context(cache, block[in_cache], keep_behind=False)  # the context tower reads the block once
         return tracker.output()
+
+    def _denoise_active_rows(self, block, cache, t, active, in_cache) -> torch.Tensor:
+        """The denoiser's logits `(B, L, V)` for the whole batch, computed only for the `active` rows (something of
+        their block still masked); the other rows' logits are 0, and nothing reads them. Every active row is in the
+        cache (`in_cache`: the batch row of each cache row). The sampling noise is still drawn for the whole batch,
+        so a row's tokens do not depend on which other rows were computed."""
+        everything = len(in_cache) == len(block) and bool(active.all())
+        if everything or not self._skip_idle_rows:
+            return self.denoise_step(block, cache, t)
+        positions = active[in_cache].nonzero()[:, 0]  # the active rows' places in the cache
+        rows = in_cache[positions]
+        computed = self.denoise_step(
+            block[rows], cache, t[rows], rows=None if len(positions) == len(in_cache) else positions
+        )
+        logits = computed.new_zeros(block.shape[0], *computed.shape[1:])
+        logits[rows] = computed
+        return logits
 
     # ----------------------------------------------------------------------------------------------------------------
     # Mock-AR and AR

@@ -163,21 +163,29 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         return self.context_tower.extend(cache, token_ids, keep_behind=keep_behind)
 
     def denoise_step(
-        self, block_ids: torch.LongTensor, cache: TwoTowerCache, t: torch.Tensor | None, behind: bool = False
+        self,
+        block_ids: torch.LongTensor,
+        cache: TwoTowerCache,
+        t: torch.Tensor | None,
+        behind: bool = False,
+        rows: torch.LongTensor | None = None,
     ) -> torch.Tensor:
         """The denoiser's fp32 logits `(B, L, V)` for noisy blocks `(B, L)` after the cached context.
 
         `t` is `(B,)` (each row's masked fraction) or None for no time conditioning. `behind=True` reads the context
-        one token behind (Mock-AR).
+        one token behind (Mock-AR). `rows` `(B,)`: the cache rows the blocks continue, when they are not all of them
+        in order (the other rows are not computed).
         """
         batch_size = cache.attention_mask.shape[0] if cache.attention_mask is not None else None
+        if rows is not None:
+            batch_size = rows.shape[0]
         if block_ids.dim() != 2 or block_ids.shape[0] != batch_size:
             raise ValueError(
                 f"`block_ids` must have shape (batch={batch_size}, length), got {tuple(block_ids.shape)}."
             )
         if t is not None and t.shape != (block_ids.shape[0],):
             raise ValueError(f"`t` must have shape ({block_ids.shape[0]},) or be None, got {tuple(t.shape)}.")
-        context = cache.denoiser_context(block_ids.shape[1], behind=behind)
+        context = cache.denoiser_context(block_ids.shape[1], behind=behind, rows=rows)
         return self.lm_head(self.denoiser_tower(block_ids, context, t).last_hidden_state).float()
 
     # ----------------------------------------------------------------------------------------------------------------
