@@ -3,7 +3,14 @@
 import pytest
 import torch
 from conftest import left_pad, nemotron_h_from_context_tower, tiny_model, word_tokenizer
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    CompileConfig,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from transformers_twotower import TwoTowerCache, TwoTowerContextTower, TwoTowerGenerationConfig
 
@@ -115,6 +122,30 @@ def test_idle_rows_are_not_computed_and_change_nothing(model, monkeypatch, sampl
     # The plain path runs every row at every step; rows with nothing masked are the difference.
     assert skipped_rows["denoiser"] == int(skipping.nfe.sum()) < plain_rows["denoiser"]
     assert skipped_rows["context"] < plain_rows["context"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_generation_gives_the_same_tokens(model, mode):
+    """`compile=True` runs both towers' decoding calls through `torch.compile` (here with a backend that records the
+    graphs it is given and runs them as they are): the same tokens, and the graphs really ran."""
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    rows = prompts(model, [3, 9, 5], seed=1)
+    ids, mask = left_pad(rows)
+    kwargs = dict(generation_mode=mode, max_new_tokens=10, eos_token_id=None, **DIFFUSION)
+    plain = model.generate(ids, attention_mask=mask, **kwargs)
+    compile_config = CompileConfig(backend=recording_backend, mode=None)
+    compiled = model.generate(ids, attention_mask=mask, compile=True, compile_config=compile_config, **kwargs)
+    assert torch.equal(compiled, plain)
+    assert graphs, "nothing went through torch.compile"
+    assert model.context_tower.compiled_call is None and model.denoiser_tower.compiled_call is None
+    graphs.clear()
+    again = model.generate(ids, attention_mask=mask, compile=True, compile_config=compile_config, **kwargs)
+    assert torch.equal(again, plain) and not graphs, "the compiled calls are kept: a second generate compiles nothing"
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -243,6 +243,8 @@ class TwoTowerDenoiser(TwoTowerPreTrainedModel):
     states. `t` `(B * nb,)` is each block's masked fraction, or None for no time conditioning (Mock-AR).
     """
 
+    compiled_call = None  # set by `generate(compile=True)` while it runs: `denoise_step` goes through it
+
     def __init__(self, config: TwoTowerConfig):
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)

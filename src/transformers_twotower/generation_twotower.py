@@ -5,10 +5,11 @@ Data flows one way: prompt -> `prefill` (cache) -> block loop -> step loop -> co
 
 import math
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, StoppingCriteriaList
+from transformers import CompileConfig, GenerationConfig, GenerationMixin, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation import MaxTimeCriteria, StopStringCriteria
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.generation.streamers import BaseStreamer
@@ -34,6 +35,7 @@ TWOTOWER_DEFAULTS = {
     "mask_token_id": 3,
     "output_history": False,
     "keep_eos_block": False,
+    "compile": False,
 }
 # A model's defaults on top of them: 128 new tokens, greedy.
 MODEL_DEFAULTS = {**TWOTOWER_DEFAULTS, "max_new_tokens": 128, "do_sample": False}
@@ -44,7 +46,7 @@ SUPPORTED_FIELDS = frozenset(
         *TWOTOWER_DEFAULTS,
         # transformers' fields, with their usual meaning
         "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
-        "pad_token_id", "bos_token_id", "return_dict_in_generate", "max_time", "stop_strings",
+        "pad_token_id", "bos_token_id", "return_dict_in_generate", "max_time", "stop_strings", "compile_config",
         # bookkeeping
         "transformers_version", "num_beams", "num_return_sequences", "use_cache",
     }
@@ -79,6 +81,12 @@ class TwoTowerGenerationConfig(GenerationConfig):
     keep_eos_block (`bool`, defaults to `False`):
         The release's EOS rule for mask diffusion: a row ends after the block that holds its EOS, and that block is
         returned whole, tokens after EOS included. By default (transformers' rule) what follows EOS is padding.
+    compile (`bool`, defaults to `False`):
+        Run the decoding calls of both towers (denoiser steps, context extensions; not the prompt's prefill) through
+        `torch.compile`, with transformers' `compile_config` if set (a [`CompileConfig`]). By default: on CUDA the
+        denoiser with `mode="reduce-overhead"` (CUDA graphs: a block's steps have one shape) and the context tower,
+        whose cache grows, with `mode="default"`; on other devices both with `mode="default"`. The first calls compile
+        (tens of seconds on a CPU for the demo, docs/generation.md); the compiled calls are kept on the towers.
     """
 
     def __init__(self, **kwargs):
@@ -213,6 +221,26 @@ class TwoTowerGenerationMixin(GenerationMixin):
         stopping_criteria = self._prepare_stopping_criteria(config, stopping_criteria, tokenizer)
         if streamer is not None and input_ids.shape[0] != 1:
             raise ValueError(f"`streamer` supports batch size 1 only, got a batch of {input_ids.shape[0]}.")
+        with self._compiled_towers(config):
+            result = self._generate(
+                input_ids, attention_mask, config, logits_processor, stopping_criteria, streamer, generator,
+                step_callback,
+            )  # fmt: skip
+        if streamer is not None:
+            streamer.end()
+        return result if config.return_dict_in_generate else result.sequences
+
+    def _generate(
+        self,
+        input_ids,
+        attention_mask,
+        config,
+        logits_processor,
+        stopping_criteria,
+        streamer,
+        generator,
+        step_callback,
+    ) -> "TwoTowerGenerationOutput":
         if config.generation_mode == "mask_diffusion":
             if logits_processor:
                 raise ValueError(
@@ -233,9 +261,32 @@ class TwoTowerGenerationMixin(GenerationMixin):
             result = self._generate_autoregressive(
                 input_ids, attention_mask, config, logits_processor, stopping_criteria, streamer, generator
             )
-        if streamer is not None:
-            streamer.end()
-        return result if config.return_dict_in_generate else result.sequences
+        return result
+
+    @contextmanager
+    def _compiled_towers(self, config: "TwoTowerGenerationConfig"):
+        """With `compile=True`, the towers' decoding calls go through `torch.compile`d calls while generating, built
+        once per tower and compile config and kept on the tower (`_compiled_calls`) for the next `generate`."""
+        if not config.compile:
+            yield
+            return
+        on_cuda = self.device.type == "cuda"
+        towers = {self.context_tower: "default", self.denoiser_tower: "reduce-overhead" if on_cuda else "default"}
+        try:
+            for tower, mode in towers.items():
+                compile_config = config.compile_config or CompileConfig(mode=mode)
+                calls = tower.__dict__.setdefault("_compiled_calls", [])
+                for built_for, call in calls:
+                    if built_for == compile_config:
+                        break
+                else:
+                    call = torch.compile(tower.__call__, **compile_config.to_dict())
+                    calls.append((compile_config, call))
+                tower.compiled_call = call
+            yield
+        finally:
+            for tower in towers:
+                tower.compiled_call = None
 
     def generate_mask_diffusion(
         self,

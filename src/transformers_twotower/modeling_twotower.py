@@ -186,7 +186,8 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         if t is not None and t.shape != (block_ids.shape[0],):
             raise ValueError(f"`t` must have shape ({block_ids.shape[0]},) or be None, got {tuple(t.shape)}.")
         context = cache.denoiser_context(block_ids.shape[1], behind=behind, rows=rows)
-        return self.lm_head(self.denoiser_tower(block_ids, context, t).last_hidden_state).float()
+        denoiser = self.denoiser_tower.compiled_call or self.denoiser_tower
+        return self.lm_head(denoiser(block_ids, context, t).last_hidden_state).float()
 
     # ----------------------------------------------------------------------------------------------------------------
     # Training: block-wise masked diffusion
