@@ -2,19 +2,32 @@
 
     python -m transformers_twotower bench [--model DIR] [--prompts 32] [--repeats 3] [--batch-sizes 1 8]
         [--thresholds 0.5 0.7 0.8 0.9 0.95] [--output benchmarks/results/demo_cpu.json] [--device cpu]
-    python -m transformers_twotower bench --step-costs                  # one step of each kind, on the model
+    python -m transformers_twotower bench --step-costs [--label after] [--compile]   # one step of each kind
     python -m transformers_twotower bench --device cuda --synthetic     # GPU: step costs at the real model's size
 
 Prompts: `--prompts` windows of 128 tokens from the held-out stdlib modules listed in the demo's `train_log.json`
-(never trained on), each followed by its true 32-token continuation. For AR and for mask diffusion at each threshold
-(block 16, 16 steps, greedy), at each batch size:
+(never trained on), each followed by its true 32-token continuation. Two scenarios, at each batch size:
 
-- exact_match: the fraction of the 32 generated tokens equal to the true continuation, averaged over prompts;
+- `plain`: AR and mask diffusion at each threshold (block 16, 16 steps, greedy), 32 tokens, no EOS;
+- `mixed`: prompts cut to different lengths (32 to 128 tokens, left-padded in a batch) and a row stops at its first
+  blank line or EOS, so rows finish early and at different times; AR and diffusion at threshold 0.8.
+
+Per row of the output:
+- exact_match: the fraction of generated tokens equal to the true continuation, averaged over prompts;
   retention = diffusion exact_match / AR exact_match;
+- agreement_with_ar: the fraction of AR's generated tokens that this mode generates at the same position (greedy
+  both): quality retention that needs no labels;
+- ar_confident_fraction: teacher-forced on the true continuations, the fraction of tokens on which the AR tower's
+  top probability exceeds the row's threshold. It bounds how much parallel commitment this model could show;
 - tokens_per_forward: generated tokens per denoiser forward (AR: per context-tower forward, i.e. 1);
-- throughput_ratio: AR wall-clock / this mode's wall-clock, same prompts and batch size, runs alternated, median of
-  `--repeats`; tokens_per_second from the median;
-- context_tokens_per_token: context-tower token columns processed per generated token (per row).
+- throughput_ratio: this mode's generated tokens per second over AR's, same prompts and batch size, runs alternated,
+  median of `--repeats`; tokens_per_second from the median;
+- context_tokens_per_token: tokens the context tower processed after the prompts, per generated token.
+
+`--step-costs` times one denoiser step over a fully masked 16-token block, one AR decode step and one block
+extension after a 512-token prompt, at batch 1 and 8 (alternated, median of `--repeats`, at least 5), counts the aten
+operator calls of each and per generated token of a 64-token `generate`, and stores the figures under `--label` in
+`benchmarks/results/step_costs_<device>.json` (`--compile`: also through `generate(compile=True)`'s compiled calls).
 
 Writes the rows as JSON, a PNG plot (throughput ratio against quality retention; needs matplotlib), and prints a table.
 """
@@ -26,9 +39,11 @@ import sys
 import sysconfig
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
@@ -57,14 +72,14 @@ def held_out_windows(tokenizer, modules: list[str], count: int) -> tuple[torch.T
 
 @contextmanager
 def counting_context_tokens(model):
-    """Count the token columns the context tower processes (each column is one token of every row)."""
-    counter = {"columns": 0}
+    """Count the tokens the context tower processes (rows times columns: a row dropped from the cache costs none)."""
+    counter = {"tokens": 0}
     tower = model.context_tower
     original = tower._append
 
-    def append(cache, token_ids, attention_mask):
-        counter["columns"] += token_ids.shape[1]
-        return original(cache, token_ids, attention_mask)
+    def append(cache, token_ids, *args, **kwargs):
+        counter["tokens"] += token_ids.numel()
+        return original(cache, token_ids, *args, **kwargs)
 
     tower._append = append
     try:
@@ -73,86 +88,163 @@ def counting_context_tokens(model):
         del tower._append
 
 
-def run_mode(model, prompts, batch_size, mode, threshold, device):
-    """Generate for every prompt. Returns (generated ids, seconds, NFE per row, context-tower tokens processed per
-    row after the prompt, summed over rows)."""
+@dataclass
+class Scenario:
+    """What a benchmark run generates: `prompts` (left-padded, with `mask`), up to `max_new_tokens`, stopping at
+    `eos` (a list of ids; empty: never)."""
+
+    name: str
+    prompts: torch.Tensor
+    mask: torch.Tensor
+    truth: torch.Tensor
+    eos: list[int]
+
+
+def plain_scenario(prompts, truth) -> Scenario:
+    return Scenario("plain", prompts, torch.ones_like(prompts), truth, [])
+
+
+def mixed_scenario(tokenizer, prompts, truth) -> Scenario:
+    """The prompts cut to lengths from 32 to 128 tokens (the end kept, so the true continuation still follows),
+    left-padded; a row stops at its first blank line (the tokenizer's id for it) or EOS."""
+    lengths = [32 + (k * 37) % 97 for k in range(len(prompts))]
+    mask = torch.zeros_like(prompts)
+    for row, length in enumerate(lengths):
+        mask[row, -length:] = 1
+    ids = prompts.masked_fill(mask == 0, tokenizer.pad_token_id)
+    blank_line = tokenizer("\n\n", add_special_tokens=False).input_ids[-1]
+    return Scenario("mixed", ids, mask, truth, [blank_line, tokenizer.eos_token_id])
+
+
+def real_lengths(generated: torch.Tensor, eos: list[int]) -> torch.Tensor:
+    """Per row, how many tokens were generated: up to and including the first EOS, or all."""
+    if not eos:
+        return torch.full((generated.shape[0],), generated.shape[1])
+    is_eos = torch.isin(generated, torch.tensor(eos))
+    first = torch.where(is_eos.any(-1), is_eos.float().argmax(-1) + 1, generated.shape[1])
+    return first
+
+
+def run_mode(model, scenario: Scenario, batch_size, mode, threshold, device):
+    """Generate for every prompt. Returns (generated ids (N, 32), padded after a row's end, seconds, NFE per row,
+    context-tower tokens processed per row after the prompt, summed over rows)."""
     outputs, nfe, seconds, context = [], [], 0.0, 0
+    width = scenario.prompts.shape[1]
     with counting_context_tokens(model) as counter:
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size].to(device)
-            columns_before = counter["columns"]
+        for start in range(0, len(scenario.prompts), batch_size):
+            batch = scenario.prompts[start : start + batch_size].to(device)
+            mask = scenario.mask[start : start + batch_size].to(device)
+            tokens_before = counter["tokens"]
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             began = time.perf_counter()
             out = model.generate(
                 batch,
+                attention_mask=mask,
                 generation_mode=mode,
                 max_new_tokens=CONTINUATION_TOKENS,
                 block_size=16,
                 steps_per_block=16,
                 confidence_threshold=threshold,
-                eos_token_id=None,
+                eos_token_id=scenario.eos or None,
                 return_dict_in_generate=True,
             )
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             seconds += time.perf_counter() - began
-            outputs.append(out.sequences[:, PROMPT_TOKENS:].cpu())
+            generated = out.sequences[:, width:].cpu()
+            outputs.append(F.pad(generated, (0, CONTINUATION_TOKENS - generated.shape[1]), value=-1))
             nfe.append(out.nfe.cpu())
-            context += (counter["columns"] - columns_before - PROMPT_TOKENS) * batch.shape[0]
+            context += counter["tokens"] - tokens_before - batch.numel()  # after the prompt
     return torch.cat(outputs), seconds, torch.cat(nfe), context
 
 
-def benchmark(model, prompts, truth, batch_sizes, thresholds, repeats, device) -> list[dict]:
-    configs = [("ar", None)] + [("mask_diffusion", t) for t in thresholds]
+@torch.no_grad()
+def ar_confidence(model, prompts, truth, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced on the true continuations: the AR tower's top probability at each continuation token and
+    whether its top token is the true one, (N, 32) each."""
+    windows = torch.cat([prompts, truth], dim=1).to(device)
+    logits = model(windows).logits[:, prompts.shape[1] - 1 : -1].float()
+    probabilities = logits.softmax(-1)
+    top, top_token = probabilities.max(-1)
+    return top.cpu(), (top_token.cpu() == truth)
+
+
+def benchmark(model, scenarios, batch_sizes, thresholds, repeats, device) -> list[dict]:
+    top_probability, ar_correct = ar_confidence(model, scenarios[0].prompts, scenarios[0].truth, device)
     rows = []
-    total = len(batch_sizes) * repeats * len(configs)
+    total = sum(len(batch_sizes) * repeats * (1 + len(thresholds if s.name == "plain" else [0.8])) for s in scenarios)
     with tqdm(total=total, desc="bench", unit="run") as bar:
-        for batch_size in batch_sizes:
-            times = {c: [] for c in configs}
-            results = {}
-            for _ in range(repeats):  # alternate the modes inside every repeat
-                for config in configs:
-                    mode, threshold = config
-                    generated, seconds, nfe, context = run_mode(
-                        model, prompts, batch_size, mode, threshold or 0.8, device
-                    )
-                    times[config].append(seconds)
-                    results[config] = (generated, nfe, context)
-                    bar.update()
-            ar_time = statistics.median(times[("ar", None)])
-            ar_match = (results[("ar", None)][0] == truth).float().mean().item()
-            for config in configs:
-                mode, threshold = config
-                generated, nfe, context = results[config]
-                median = statistics.median(times[config])
-                match = (generated == truth).float().mean().item()
-                rows.append(
-                    dict(
-                        mode=mode,
-                        threshold=threshold,
-                        batch_size=batch_size,
-                        exact_match=round(match, 4),
-                        retention=round(match / ar_match, 4) if ar_match else None,
-                        tokens_per_forward=round(generated.numel() / nfe.sum().item(), 3),
-                        throughput_ratio=round(ar_time / median, 3),
-                        tokens_per_second=round(generated.numel() / median, 1),
-                        context_tokens_per_token=round(context / generated.numel(), 3),
-                        seconds_median=round(median, 3),
-                    )
-                )
+        for scenario in scenarios:
+            configs = [("ar", None)] + [
+                ("mask_diffusion", t) for t in (thresholds if scenario.name == "plain" else [0.8])
+            ]
+            for batch_size in batch_sizes:
+                times = {c: [] for c in configs}
+                results = {}
+                for _ in range(repeats):  # alternate the modes inside every repeat
+                    for config in configs:
+                        mode, threshold = config
+                        generated, seconds, nfe, context = run_mode(
+                            model, scenario, batch_size, mode, threshold or 0.8, device
+                        )
+                        times[config].append(seconds)
+                        results[config] = (generated, nfe, context)
+                        bar.update()
+                rows += scenario_rows(scenario, batch_size, configs, times, results, top_probability, ar_correct)
+    return rows
+
+
+def scenario_rows(scenario, batch_size, configs, times, results, top_probability, ar_correct) -> list[dict]:
+    ar_generated = results[("ar", None)][0]
+    ar_real = torch.arange(CONTINUATION_TOKENS)[None] < real_lengths(ar_generated, scenario.eos)[:, None]
+    rows = []
+    for config in configs:
+        mode, threshold = config
+        generated, nfe, context = results[config]
+        real = torch.arange(CONTINUATION_TOKENS)[None] < real_lengths(generated, scenario.eos)[:, None]
+        tokens = int(real.sum())
+        median = statistics.median(times[config])
+        ar_tokens_per_second = int(ar_real.sum()) / statistics.median(times[("ar", None)])
+        match = ((generated == scenario.truth) & real).sum() / tokens
+        ar_match = ((ar_generated == scenario.truth) & ar_real).sum() / int(ar_real.sum())
+        rows.append(
+            dict(
+                scenario=scenario.name,
+                mode=mode,
+                threshold=threshold,
+                batch_size=batch_size,
+                exact_match=round(match.item(), 4),
+                retention=round((match / ar_match).item(), 4) if ar_match else None,
+                agreement_with_ar=round((((generated == ar_generated) & ar_real).sum() / ar_real.sum()).item(), 4),
+                ar_confident_fraction=None
+                if threshold is None
+                else round((top_probability > threshold).float().mean().item(), 4),
+                ar_teacher_forced_accuracy=round(ar_correct.float().mean().item(), 4) if mode == "ar" else None,
+                tokens_per_forward=round(tokens / nfe.sum().item(), 3),
+                throughput_ratio=round(tokens / median / ar_tokens_per_second, 3),
+                tokens_per_second=round(tokens / median, 1),
+                context_tokens_per_token=round(context / tokens, 3),
+                generated_tokens=tokens,
+                seconds_median=round(median, 3),
+            )
+        )
     return rows
 
 
 def print_table(rows: list[dict]):
-    header = f"{'mode':>15} {'thr':>5} {'bs':>3} {'exact':>6} {'retain':>7} {'tok/fwd':>8} {'speedup':>8} {'tok/s':>8} {'ctx/tok':>7}"
+    header = (
+        f"{'scenario':>8} {'mode':>15} {'thr':>5} {'bs':>3} {'exact':>6} {'retain':>7} {'agree':>6} {'ar>thr':>6} "
+        f"{'tok/fwd':>8} {'speedup':>8} {'tok/s':>8} {'ctx/tok':>7}"
+    )
     print(header)
     for r in rows:
         threshold = "" if r["threshold"] is None else f"{r['threshold']:.2f}"
+        confident = "" if r["ar_confident_fraction"] is None else f"{r['ar_confident_fraction']:.3f}"
         print(
-            f"{r['mode']:>15} {threshold:>5} {r['batch_size']:>3} {r['exact_match']:>6.3f} {r['retention']:>7.3f} "
-            f"{r['tokens_per_forward']:>8.2f} {r['throughput_ratio']:>7.2f}x {r['tokens_per_second']:>8.1f} "
-            f"{r['context_tokens_per_token']:>7.3f}"
+            f"{r['scenario']:>8} {r['mode']:>15} {threshold:>5} {r['batch_size']:>3} {r['exact_match']:>6.3f} "
+            f"{r['retention']:>7.3f} {r['agreement_with_ar']:>6.3f} {confident:>6} {r['tokens_per_forward']:>8.2f} "
+            f"{r['throughput_ratio']:>7.2f}x {r['tokens_per_second']:>8.1f} {r['context_tokens_per_token']:>7.3f}"
         )
 
 
@@ -194,44 +286,88 @@ def plot(rows: list[dict], path: Path):
     print(f"wrote {path}")
 
 
-def step_costs(model, device: str, prompt_length: int = 512) -> dict:
-    """After a `prompt_length`-token prompt: one denoiser step over a 16-token block and one context extension by a
-    block, against one AR decode step (a one-token extension with its next-token logits); medians, in ms."""
+def aten_calls(fn) -> int:
+    """How many aten operator calls one call of `fn` makes."""
+    from torch.profiler import profile
 
-    def timed(fn, repeats=20):
-        fn()  # warm-up
-        values = []
-        for _ in range(repeats):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            began = time.perf_counter()
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            values.append(time.perf_counter() - began)
-        return statistics.median(values)
+    with profile() as profiler:
+        fn()
+    return sum(1 for event in profiler.events() if event.name.startswith("aten::"))
 
+
+def step_costs(model, device: str, batch_sizes=(1, 8), prompt_length: int = 512, repeats: int = 7) -> dict:
+    """After a `prompt_length`-token prompt: one denoiser step over a fully masked 16-token block and one context
+    extension by a block, against one AR decode step (a one-token extension with its next-token logits); in ms, the
+    three alternated, median of `repeats` (each the mean of several calls). One thread: process CPU time (stable on a
+    shared machine); more: wall-clock. Also the aten calls of each step, and per generated token of a 64-token
+    `generate` at batch 1 (greedy, threshold 0.8)."""
     config = model.config
-    prompt = torch.randint(4, config.vocab_size, (1, prompt_length), device=device)
-    block = torch.full((1, 16), config.mask_token_id, device=device)
-    with torch.no_grad():
-        cache = model.prefill(prompt)
-        denoise = timed(lambda: model.denoise_step(block, cache, torch.ones(1, device=device)))
-        # The context grows while these are timed (by 21 tokens, and by 21 blocks): small next to the prompt.
-        ar = timed(lambda: model.extend_context(cache, prompt[:, :1], keep_behind=False))
-        extend = timed(lambda: model.extend_context(cache, prompt[:, :16], keep_behind=False))
-    return {
-        "device": device,
-        "dtype": str(model.dtype),
-        "threads": torch.get_num_threads(),
-        "layers": config.num_hidden_layers,
-        "hidden_size": config.hidden_size,
-        "denoise_step_ms": round(denoise * 1e3, 3),
-        "ar_step_ms": round(ar * 1e3, 3),
-        "extend_block_ms": round(extend * 1e3, 3),
-        "denoise_step_over_ar_step": round(denoise / ar, 3),
-        "extend_block_over_ar_step": round(extend / ar, 3),
-    }
+    threads = torch.get_num_threads()
+    clock = time.process_time if threads == 1 and device == "cpu" else time.perf_counter
+    result = {"device": device, "dtype": str(model.dtype), "threads": threads, "clock": clock.__name__}
+    result |= {"layers": config.num_hidden_layers, "hidden_size": config.hidden_size, "prompt_tokens": prompt_length}
+    for batch_size in batch_sizes:
+        generator = torch.Generator().manual_seed(0)
+        prompt = torch.randint(4, config.vocab_size, (batch_size, prompt_length), generator=generator).to(device)
+        block = torch.full((batch_size, 16), config.mask_token_id, device=device)
+        t = torch.ones(batch_size, device=device)
+        cache = model.prefill(prompt, keep_behind=False)
+        steps = {  # each leaves the cache as it found it, but for the context growing: small next to the prompt
+            "denoise_step": lambda: model.denoise_step(block, cache, t),
+            "ar_step": lambda: model.extend_context(cache, prompt[:, :1], keep_behind=False),
+            "extend_block": lambda: model.extend_context(cache, prompt[:, :16], keep_behind=False),
+        }
+        times = {name: [] for name in steps}
+        for fn in steps.values():
+            fn(), fn()  # warm-up (a compiled call compiles here)
+        calls = 5
+        for _ in range(repeats):
+            for name, fn in steps.items():
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                began = clock()
+                for _ in range(calls):
+                    fn()
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times[name].append((clock() - began) / calls)
+        ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+        entry = {f"{name}_ms": round(value, 3) for name, value in ms.items()}
+        entry["denoise_step_over_ar_step"] = round(ms["denoise_step"] / ms["ar_step"], 3)
+        entry["extend_block_over_ar_step"] = round(ms["extend_block"] / ms["ar_step"], 3)
+        if device == "cpu":
+            entry["aten_calls"] = {name: aten_calls(fn) for name, fn in steps.items()}
+        result[f"batch_{batch_size}"] = entry
+    if device == "cpu":
+        result["aten_calls_per_generated_token"] = generate_aten_calls(model, device)
+    return result
+
+
+def generate_aten_calls(model, device: str, new_tokens: int = 64) -> dict:
+    """aten calls per generated token of one `generate` (batch 1, a 64-token prompt, greedy) in each mode."""
+    prompt = torch.randint(4, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
+    counts = {}
+    for mode in ("ar", "mask_diffusion"):
+        options = dict(generation_mode=mode, max_new_tokens=new_tokens, eos_token_id=None, confidence_threshold=0.8)
+        model.generate(prompt.to(device), **options)  # warm-up
+        counts[mode] = round(aten_calls(lambda: model.generate(prompt.to(device), **options)) / new_tokens, 1)
+    return counts
+
+
+def compiled_steps(model):
+    """The context in which `generate(compile=True)` runs the towers through their compiled calls."""
+    from transformers_twotower import TwoTowerGenerationConfig
+
+    return model._compiled_towers(TwoTowerGenerationConfig(compile=True))
+
+
+def store_step_costs(result: dict, device: str, label: str) -> Path:
+    """Add `result` under `label` to `benchmarks/results/step_costs_<device>.json` (other labels are kept)."""
+    path = ROOT / f"benchmarks/results/step_costs_{device.split(':')[0]}.json"
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    stored[label] = result
+    path.write_text(json.dumps(stored, indent=2) + "\n")
+    return path
 
 
 def synthetic_model(device: str, scale: str):
@@ -269,12 +405,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95])
+    parser.add_argument("--scenarios", nargs="+", choices=["plain", "mixed"], default=["plain", "mixed"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch threads on the CPU (default: torch's)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/demo_cpu.json"))
     parser.add_argument("--step-costs", action="store_true", help="time one denoiser step, AR step, extension")
+    parser.add_argument("--label", default="after", help="--step-costs: the key the figures are stored under")
+    parser.add_argument("--compile", action="store_true", help="--step-costs: also the compiled steps")
     parser.add_argument("--synthetic", action="store_true", help="step costs at the real model's size, random weights")
     parser.add_argument("--synthetic-scale", choices=["real", "small"], default="real")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.synthetic:
         if args.synthetic_scale == "real" and not args.device.startswith("cuda"):
@@ -283,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             print("skipped: --device cuda but CUDA is not available")
             return 0
-        result = step_costs(synthetic_model(args.device, args.synthetic_scale), args.device)
+        with torch.no_grad():
+            result = step_costs(synthetic_model(args.device, args.synthetic_scale), args.device, batch_sizes=(1,))
         print(json.dumps({"model": f"synthetic ({args.synthetic_scale})", **result}, indent=2))
         return 0
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -303,18 +446,30 @@ def main(argv: list[str] | None = None) -> int:
     model = TwoTowerForDiffusionLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
     torch.set_grad_enabled(False)
     if args.step_costs:
-        print(json.dumps({"model": str(folder), **step_costs(model, args.device)}, indent=2))
+        result = {"model": str(folder), **step_costs(model, args.device, repeats=max(5, args.repeats))}
+        if args.compile:
+            began = time.process_time()
+            with compiled_steps(model):
+                compiled = step_costs(model, args.device, repeats=max(5, args.repeats))
+            compiled.pop("aten_calls_per_generated_token", None)
+            result["compiled"] = {**compiled, "compile_and_measure_cpu_seconds": round(time.process_time() - began)}
+        print(json.dumps(result, indent=2))
+        print(f"wrote {store_step_costs(result, args.device, args.label)}")
         return 0
     prompts, truth = held_out_windows(tokenizer, held_out, args.prompts)
+    scenarios = {"plain": plain_scenario(prompts, truth), "mixed": mixed_scenario(tokenizer, prompts, truth)}
 
-    rows = benchmark(model, prompts, truth, args.batch_sizes, args.thresholds, args.repeats, args.device)
+    rows = benchmark(
+        model, [scenarios[name] for name in args.scenarios], args.batch_sizes, args.thresholds, args.repeats,
+        args.device,
+    )  # fmt: skip
     print_table(rows)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     setting = dict(device=args.device, threads=torch.get_num_threads(), prompts=args.prompts, repeats=args.repeats)
     output.write_text(json.dumps([{**row, **setting} for row in rows], indent=2) + "\n")
     print(f"wrote {output}")
-    plot(rows, output.with_suffix(".png"))
+    plot([row for row in rows if row["scenario"] == "plain"], output.with_suffix(".png"))
     return 0
 
 

@@ -1,6 +1,7 @@
 """Fine-tuning the denoiser: the Trainer script, PEFT adapters, Accelerate device maps, two processes under DDP."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -57,6 +58,54 @@ def test_finetune_script(saved_model, tmp_path):
         assert torch.equal(tuned.context_tower.state_dict()[name], tensor), name
     assert not torch.equal(tuned.lm_head.weight, model.lm_head.weight)
     assert (out / "tokenizer.json").exists()
+
+
+def test_distillation_rows_are_prompt_and_the_ar_towers_greedy_continuation(saved_model):
+    model, _ = saved_model
+    prompts = torch.randint(4, 64, (5, 8), generator=torch.Generator().manual_seed(2))
+    dataset = finetune.distillation_dataset(model, prompts, new_tokens=6, batch_size=2)
+    ar = model.generate(prompts, generation_mode="ar", max_new_tokens=6, eos_token_id=None)
+    assert torch.equal(torch.tensor(dataset["input_ids"]), ar)  # the teacher is the model's own AR tower
+    labels = torch.tensor(dataset["labels"])
+    assert (labels[:, :8] == -100).all() and torch.equal(labels[:, 8:], ar[:, 8:])  # only the continuation is learnt
+    with pytest.raises(ValueError, match="--prompt-len \\(6\\) must be a multiple of the model's block_size \\(4\\)"):
+        finetune.distillation_dataset(model, prompts[:, :6], new_tokens=6, batch_size=2)
+
+
+def test_agreement_with_ar_is_measured_against_generate(saved_model):
+    model, _ = saved_model
+    prompts = torch.randint(4, 64, (3, 8), generator=torch.Generator().manual_seed(3))
+    report = finetune.agreement_with_ar(model, prompts, new_tokens=8, batch_size=2, threshold=0.3)
+    options = dict(max_new_tokens=8, eos_token_id=None, return_dict_in_generate=True)
+    ar = model.generate(prompts, generation_mode="ar", **options).sequences[:, 8:]
+    diffusion = model.generate(prompts, generation_mode="mask_diffusion", confidence_threshold=0.3, **options)
+    agreement = (diffusion.sequences[:, 8:] == ar).float().mean().item()
+    assert report == {
+        "prompts": 3,
+        "tokens_per_forward": round(24 / int(diffusion.nfe.sum()), 4),
+        "agreement_with_ar": round(agreement, 4),
+    }
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["denoiser", "lora"])
+def test_distill_script(saved_model, tmp_path, lora):
+    """`--distill` end to end, with the Trainer and with PEFT: a report before and after, on held-out prompts that
+    were not trained on, and only the denoiser (or its adapters) changed."""
+    model, folder = saved_model
+    generator = torch.Generator().manual_seed(0)
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n".join(words(torch.randint(4, 64, (20,), generator=generator).tolist()) for _ in range(8)))
+    out = tmp_path / "out"
+    flags = ["--model", str(folder), "--data", str(data), "--output", str(out), "--distill", "--prompt-len", "8",
+             "--new-tokens", "8", "--eval-prompts", "3", "--max-steps", "4", "--batch-size", "2", "--lr", "3e-3",
+             "--cpu", "--threshold", "0.3"]  # fmt: skip
+    trainer = finetune.main(flags + (["--lora-r", "4"] if lora else []))
+    report = json.loads((out / "distill_report.json").read_text())
+    windows = finetune.token_windows(word_tokenizer(model.config.vocab_size), str(data), 8)
+    assert report["train_prompts"] == len(windows) - 3  # the last 3 windows are held out
+    assert report["before"] == finetune.agreement_with_ar(model, windows[-3:], 8, 32, threshold=0.3)
+    assert set(report["after"]) == {"prompts", "tokens_per_forward", "agreement_with_ar"}
+    assert len([log for log in trainer.state.log_history if "loss" in log]) == 4
 
 
 def test_fsdp_switch(saved_model, tmp_path):
