@@ -87,3 +87,27 @@ def test_the_denoiser_tower_is_callable_on_a_block_and_a_context(model):
     hidden = model.denoiser_tower(noisy, training_view, t.repeat_interleave(2)).last_hidden_state.view(2, 8, -1)
     inference = model.denoiser_tower(block, model.prefill(clean[:, :4]).denoiser_context(4), t).last_hidden_state
     torch.testing.assert_close(hidden[:, 4:], inference, rtol=1e-4, atol=1e-5)
+
+
+def test_in_place_block_keys_equal_concatenation(model):
+    """Eager inference writes each step's block K/V into the tail of the view's [context | block] buffers; with
+    gradients on (or compiled) the context is concatenated instead. Both give the same logits, step after step,
+    for all rows and for a subset of rows."""
+    ids, mask = left_pad([clean_ids(model, 1, n, seed=n)[0].tolist() for n in (3, 8, 5)])
+    cache = model.prefill(ids, attention_mask=mask)
+    view = cache.denoiser_context(4)
+    assert set(view.joint_keys) == set(view.keys) and view.joint_keys
+    for layer, buffer in view.joint_keys.items():
+        assert buffer.shape[2] == view.keys[layer].shape[2] + 4
+        assert view.keys[layer].data_ptr() == buffer.data_ptr()  # the context K/V are a view of the buffer
+    rows = torch.tensor([2, 0])
+    for step, block in enumerate([[3, 3, 3, 3], [3, 17, 3, 3], [21, 17, 3, 9]]):
+        block = torch.tensor([block] * 3)
+        t = (block == 3).float().mean(-1)
+        with torch.no_grad():
+            in_place = model.denoise_step(block, cache, t)
+            some_rows = model.denoise_step(block[rows], cache, t[rows], rows=rows)
+        with torch.enable_grad():
+            concatenated = model.denoise_step(block, cache, t).detach()
+        torch.testing.assert_close(in_place, concatenated, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(some_rows, concatenated[rows], rtol=1e-5, atol=1e-5)

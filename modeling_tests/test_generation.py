@@ -157,7 +157,7 @@ def test_context_is_never_recomputed(model, mode, monkeypatch):
     monkeypatch.setattr(
         TwoTowerContextTower,
         "_append",
-        lambda self, cache, ids, mask: processed.append(ids.shape[1]) or append(self, cache, ids, mask),
+        lambda self, cache, ids, *args: processed.append(ids.shape[1]) or append(self, cache, ids, *args),
     )
     original_view = TwoTowerCache._build_view
     monkeypatch.setattr(TwoTowerCache, "_build_view", lambda self, *a: views.append(a) or original_view(self, *a))

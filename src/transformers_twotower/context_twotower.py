@@ -12,7 +12,7 @@ The context tower is the frozen autoregressive backbone with its head. It is the
 states before the last token). Mock-AR reads it; `keep_behind` decides whether the cache keeps those states.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -42,7 +42,10 @@ class DenoiserContext:
     - `attention_mask`: additive, over `[context keys | block keys]`, or None when every key is visible;
     - `num_blocks`: noisy blocks per row (1 at inference, every block of the sequence in training);
     - `blockwise`: training's block structure without a dense mask (block `b` sees context keys `< b * S` and its own
-      block), with `key_padding`, additive over `[context keys | block keys]`, or None when every key is real.
+      block), with `key_padding`, additive over `[context keys | block keys]`, or None when every key is real;
+    - `joint_keys`, `joint_values` (inference views): per attention layer a `(B, kv_heads, T + S, head_dim)` buffer
+      whose first T positions hold the context K/V (`keys`/`values` are views of them); each step writes its block's
+      K/V into the tail instead of concatenating the whole context again.
     """
 
     keys: dict[int, torch.Tensor]
@@ -53,6 +56,8 @@ class DenoiserContext:
     num_blocks: int = 1
     blockwise: bool = False
     key_padding: torch.Tensor | None = None
+    joint_keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    joint_values: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def select_rows(self, rows: torch.LongTensor) -> "DenoiserContext":
         """The view of these rows only (inference: one block per row), each tensor gathered on its own device."""
@@ -62,9 +67,31 @@ class DenoiserContext:
         mask = self.attention_mask
         if mask is not None:
             mask = mask.index_select(0, rows.to(mask.device))
-        return DenoiserContext(
-            pick(self.keys), pick(self.values), pick(self.conv_history), pick(self.ssm_states), mask
-        )
+        keys, values = ({}, {}) if self.joint_keys else (pick(self.keys), pick(self.values))
+        view = DenoiserContext(keys, values, pick(self.conv_history), pick(self.ssm_states), mask)
+        if self.joint_keys:  # gather the buffers, and view the context in them
+            length = self.context_length
+            view.joint_keys, view.joint_values = pick(self.joint_keys), pick(self.joint_values)
+            view.keys = {i: buffer[:, :, :length] for i, buffer in view.joint_keys.items()}
+            view.values = {i: buffer[:, :, :length] for i, buffer in view.joint_values.items()}
+        return view
+
+    @property
+    def context_length(self) -> int:
+        return next(iter(self.keys.values())).shape[2] if self.keys else 0
+
+    def with_joint_buffers(self, block_length: int) -> "DenoiserContext":
+        """Give an inference view its `[context | block]` K/V buffers (one copy of the context per view)."""
+        length = self.context_length
+        for source, joint, sliced in (
+            (self.keys, self.joint_keys, self.keys),
+            (self.values, self.joint_values, self.values),
+        ):
+            for i, tensor in list(source.items()):
+                buffer = tensor.new_empty(*tensor.shape[:2], length + block_length, tensor.shape[3])
+                buffer[:, :, :length] = tensor
+                joint[i], sliced[i] = buffer, buffer[:, :, :length]
+        return self
 
 
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -226,7 +253,8 @@ class TwoTowerCache(DynamicCache):
         values = {i: self.layers[i].values[:, :, :end] for i in self.attention_layers}
         conv_history = {i: conv[..., 1:] for i, (conv, _) in states.items()}
         ssm_states = {i: ssm for i, (_, ssm) in states.items()}
-        return denoiser_view(keys, values, conv_history, ssm_states, self.attention_mask[:, :end], [end], block_length)
+        view = denoiser_view(keys, values, conv_history, ssm_states, self.attention_mask[:, :end], [end], block_length)
+        return view.with_joint_buffers(block_length)
 
 
 class ContextMamba2Mixer(TwoTowerMamba2Mixer):

@@ -115,6 +115,8 @@ class DenoiserAttention(NemotronHAttention):
         num_blocks: int = 1,
         blockwise: bool = False,
         key_padding: torch.Tensor | None = None,
+        joint_keys: torch.Tensor | None = None,
+        joint_values: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden_states: (B * nb, S, H), context K/V: (B, kv_heads, T, hd). No causal mask.
 
@@ -122,7 +124,8 @@ class DenoiserAttention(NemotronHAttention):
         or None for "every key visible". Blockwise (training, `T = nb * S`): block `b` attends to the context keys
         `< b * S` and its own block, one attention call per block, so no (nb * S, T + nb * S) mask is ever built and
         memory grows linearly with the sequence; `key_padding` (B, T + nb * S) is additive, or None when every key is
-        real.
+        real. `joint_keys`/`joint_values` (B, kv_heads, T + S, hd), an inference view's buffers whose first T
+        positions are the context K/V: eager inference writes the block's K/V into their tail instead of concatenating.
         """
         rows, length, _ = hidden_states.shape
         hidden_states = hidden_states.reshape(rows // num_blocks, num_blocks * length, -1)  # (B, nb * S, H)
@@ -139,8 +142,15 @@ class DenoiserAttention(NemotronHAttention):
             output = self._blockwise(query, key, value, context_keys, context_values, key_padding, num_blocks, dropout)
             return self.o_proj(output.reshape(rows, length, -1))
 
-        key = torch.cat([context_keys, key], dim=2)  # (B, kv_heads, T + nb * S, hd)
-        value = torch.cat([context_values, value], dim=2)
+        in_place = joint_keys is not None and joint_keys.device == key.device and joint_keys.dtype == key.dtype
+        if in_place and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # Inference, eager: the block's K/V go into the tail of the view's [context | block] buffers.
+            joint_keys[:, :, -key.shape[2] :] = key
+            joint_values[:, :, -value.shape[2] :] = value
+            key, value = joint_keys, joint_values
+        else:  # training, or compiled (a graph copies nothing it can fuse)
+            key = torch.cat([context_keys, key], dim=2)  # (B, kv_heads, T + nb * S, hd)
+            value = torch.cat([context_values, value], dim=2)
         if attention_mask is not None:
             attention_mask = attention_mask.to(query.device)
         # Arbitrary masks need eager or sdpa; other kernels (flash) cannot express the block structure.
@@ -225,7 +235,7 @@ class TwoTowerDenoiserBlock(TwoTowerBlock):
         elif self.block_type == "full_attention":
             out = self.mixer(
                 normed, context.keys[i], context.values[i], context.attention_mask, context.num_blocks,
-                context.blockwise, context.key_padding,
+                context.blockwise, context.key_padding, context.joint_keys.get(i), context.joint_values.get(i),
             )  # fmt: skip
         else:
             out = self.mixer(normed)
