@@ -124,6 +124,18 @@ def test_idle_rows_are_not_computed_and_change_nothing(model, monkeypatch, sampl
     assert skipped_rows["context"] < plain_rows["context"]
 
 
+def test_head_on_masked_positions_only_changes_nothing(model):
+    """Without a step callback the head runs on masked positions only; with one, on every position (the callback
+    sees every logit). The tokens are the same."""
+    ids, mask = left_pad(prompts(model, [3, 9, 5], seed=2))
+    kwargs = dict(max_new_tokens=12, eos_token_id=None, **DIFFUSION)
+    records = []
+    observed = model.generate(ids, attention_mask=mask, step_callback=records.append, **kwargs)
+    assert torch.equal(model.generate(ids, attention_mask=mask, **kwargs), observed)
+    unmasked = records[-1].tokens != model.config.mask_token_id
+    assert unmasked.any() and (records[-1].logits[unmasked] != 0).any(-1).all()
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_compiled_generation_gives_the_same_tokens(model, mode):
     """`compile=True` runs both towers' decoding calls through `torch.compile` (here with a backend that records the

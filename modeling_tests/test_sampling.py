@@ -98,9 +98,10 @@ class MockTwoTower(TwoTowerGenerationMixin):
         self.calls.append(("extend", token_ids.shape[1]))
         return cache
 
-    def denoise_step(self, block_ids, cache, t, behind=False):
+    def denoise_step(self, block_ids, cache, t, behind=False, rows=None, positions=None):
         self.calls.append(("denoise", block_ids.shape[1]))
-        return torch.randn(block_ids.shape[0], block_ids.shape[1], self.vocab, generator=self.generator) * 3
+        logits = torch.randn(block_ids.shape[0], block_ids.shape[1], self.vocab, generator=self.generator) * 3
+        return logits if positions is None else logits * positions[..., None]
 
 
 def test_committed_tokens_never_change_and_every_block_is_filled():

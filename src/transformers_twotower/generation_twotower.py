@@ -139,8 +139,8 @@ class DiffusionStep(ModelOutput):
     """One denoiser step of mask diffusion, as `step_callback` and `output_history` see it.
 
     block: index of the block; step: index of the step in the block; tokens: `(B, S)` the block before the step;
-    t: `(B,)` each row's masked fraction; logits: `(B, S, V)` the denoiser's logits (None in the history; 0 for rows
-    with nothing masked, which the denoiser does not compute); committed: `(B, S)` bool, the positions that took their prediction at this step.
+    t: `(B,)` each row's masked fraction; logits: `(B, S, V)` the denoiser's logits at every position (None in the
+    history; 0 for rows with nothing masked, which the denoiser does not compute); committed: `(B, S)` bool, the positions that took their prediction at this step.
     """
 
     block: int | None = None
@@ -252,8 +252,9 @@ class TwoTowerGenerationMixin(GenerationMixin):
             if history is not None:
                 observers.append(lambda step: history.append(DiffusionStep(**{**step, "logits": None})))
             result = self._generate_mask_diffusion(
-                input_ids, attention_mask, config, stopping_criteria, streamer, generator, observers
-            )
+                input_ids, attention_mask, config, stopping_criteria, streamer, generator, observers,
+                full_logits=step_callback is not None,
+            )  # fmt: skip
             result.history = tuple(history) if history is not None else None
         else:
             if step_callback is not None:
@@ -506,7 +507,7 @@ class TwoTowerGenerationMixin(GenerationMixin):
     # Mask diffusion
 
     def _generate_mask_diffusion(
-        self, input_ids, attention_mask, config, stopping_criteria, streamer, generator, observers
+        self, input_ids, attention_mask, config, stopping_criteria, streamer, generator, observers, full_logits=False
     ) -> TwoTowerGenerationOutput:
         batch_size = input_ids.shape[0]
         block_size, steps, mask_id = config.block_size, config.steps_per_block, config.mask_token_id
@@ -529,7 +530,9 @@ class TwoTowerGenerationMixin(GenerationMixin):
                 if not active.any():
                     break
                 t = masked.float().mean(-1)  # each row's fraction still masked
-                logits = self._denoise_active_rows(block, cache, t, active, in_cache)
+                # The head runs on masked positions only, unless a step callback wants every logit.
+                positions = None if full_logits else masked
+                logits = self._denoise_active_rows(block, cache, t, active, in_cache, positions)
                 pred, confidence = predict_tokens(logits, mask_id, warpers, generator)
                 commit = commit_mask(confidence, masked, step, steps, config.confidence_threshold)
                 if observers:
@@ -553,19 +556,20 @@ class TwoTowerGenerationMixin(GenerationMixin):
             self.extend_context(cache, block[in_cache], keep_behind=False)  # the context tower reads the block once
         return tracker.output()
 
-    def _denoise_active_rows(self, block, cache, t, active, in_cache) -> torch.Tensor:
+    def _denoise_active_rows(self, block, cache, t, active, in_cache, positions=None) -> torch.Tensor:
         """The denoiser's logits `(B, L, V)` for the whole batch, computed only for the `active` rows (something of
         their block still masked); the other rows' logits are 0, and nothing reads them. Every active row is in the
         cache (`in_cache`: the batch row of each cache row). The sampling noise is still drawn for the whole batch,
         so a row's tokens do not depend on which other rows were computed."""
         everything = len(in_cache) == len(block) and bool(active.all())
         if everything or not self._skip_idle_rows:
-            return self.denoise_step(block, cache, t)
-        positions = active[in_cache].nonzero()[:, 0]  # the active rows' places in the cache
-        rows = in_cache[positions]
+            return self.denoise_step(block, cache, t, positions=positions)
+        places = active[in_cache].nonzero()[:, 0]  # the active rows' places in the cache
+        rows = in_cache[places]
         computed = self.denoise_step(
-            block[rows], cache, t[rows], rows=None if len(positions) == len(in_cache) else positions
-        )
+            block[rows], cache, t[rows], rows=None if len(places) == len(in_cache) else places,
+            positions=None if positions is None else positions[rows],
+        )  # fmt: skip
         logits = computed.new_zeros(block.shape[0], *computed.shape[1:])
         logits[rows] = computed
         return logits

@@ -169,12 +169,14 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         t: torch.Tensor | None,
         behind: bool = False,
         rows: torch.LongTensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The denoiser's fp32 logits `(B, L, V)` for noisy blocks `(B, L)` after the cached context.
 
         `t` is `(B,)` (each row's masked fraction) or None for no time conditioning. `behind=True` reads the context
         one token behind (Mock-AR). `rows` `(B,)`: the cache rows the blocks continue, when they are not all of them
-        in order (the other rows are not computed).
+        in order (the other rows are not computed). `positions` `(B, L)` bool: the head runs only there (the masked
+        positions, in generation), the other logits are 0.
         """
         batch_size = cache.attention_mask.shape[0] if cache.attention_mask is not None else None
         if rows is not None:
@@ -187,7 +189,12 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
             raise ValueError(f"`t` must have shape ({block_ids.shape[0]},) or be None, got {tuple(t.shape)}.")
         context = cache.denoiser_context(block_ids.shape[1], behind=behind, rows=rows)
         denoiser = self.denoiser_tower.compiled_call or self.denoiser_tower
-        return self.lm_head(denoiser(block_ids, context, t).last_hidden_state).float()
+        hidden = denoiser(block_ids, context, t).last_hidden_state
+        if positions is None:
+            return self.lm_head(hidden).float()
+        logits = hidden.new_zeros(*block_ids.shape, self.lm_head.out_features, dtype=torch.float32)
+        logits[positions] = self.lm_head(hidden[positions]).float()
+        return logits
 
     # ----------------------------------------------------------------------------------------------------------------
     # Training: block-wise masked diffusion
