@@ -1,6 +1,7 @@
 """Self-distillation of the demo's denoiser, measured: `examples/finetune_denoiser.py --distill` on the demo.
 
-    python benchmarks/bench_distill.py [--max-steps 1200] [--distill-prompts 4096] [--threads 1] [-- extra flags]
+    python benchmarks/bench_distill.py [--max-steps 4000] [--distill-prompts 8192] [--lr 2e-4] [--threads 1]
+        [-- more flags for finetune_denoiser.py]
 
 The data is the demo's own training split: the standard library's Python source minus the held-out modules named
 in the demo's `train_log.json`, one module per JSONL row; the evaluation prompts are cut from the held-out modules
@@ -40,8 +41,9 @@ def write_jsonl(paths: list[Path], target: Path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--max-steps", type=int, default=1200)
-    parser.add_argument("--distill-prompts", type=int, default=4096)
+    parser.add_argument("--max-steps", type=int, default=4000)
+    parser.add_argument("--distill-prompts", type=int, default=8192)
+    parser.add_argument("--lr", default="2e-4")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", help="keep the distilled model here")
     parser.add_argument("extra", nargs="*", help="more flags for finetune_denoiser.py (after --)")
@@ -60,7 +62,7 @@ def main(argv=None):
         flags = [
             "--model", str(DEMO), "--data", str(scratch / "train.jsonl"), "--eval-data", str(scratch / "held_out.jsonl"),
             "--output", output, "--distill", "--distill-prompts", str(args.distill_prompts), "--eval-prompts", "32",
-            "--max-steps", str(args.max_steps), "--batch-size", "8", "--lr", "1e-4", "--cpu", *args.extra,
+            "--max-steps", str(args.max_steps), "--batch-size", "8", "--lr", args.lr, "--cpu", *args.extra,
         ]  # fmt: skip
         began = time.process_time()
         finetune.main(flags)
