@@ -50,7 +50,13 @@ def test_clear_errors(model_dir, tmp_path, capsys):
 def test_bench_synthetic_small(capsys):
     assert main(["bench", "--synthetic", "--synthetic-scale", "small"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["denoise_step_ms"] > 0 and result["extend_block_ms"] > 0
+    step = result["batch_1"]
+    assert step["denoise_step_ms"] > 0 and step["extend_block_ms"] > 0 and step["ar_step_ms"] > 0
+    assert abs(step["denoise_step_over_ar_step"] - step["denoise_step_ms"] / step["ar_step_ms"]) < 0.01
+    assert min(step["aten_calls"].values()) > 0 and set(result["aten_calls_per_generated_token"]) == {
+        "ar",
+        "mask_diffusion",
+    }
     assert main(["bench", "--synthetic"]) == 0  # the real size needs CUDA: skipped with a message
     assert "skipped" in capsys.readouterr().out
 
