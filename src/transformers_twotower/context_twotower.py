@@ -83,14 +83,11 @@ class DenoiserContext:
     def with_joint_buffers(self, block_length: int) -> "DenoiserContext":
         """Give an inference view its `[context | block]` K/V buffers (one copy of the context per view)."""
         length = self.context_length
-        for source, joint, sliced in (
-            (self.keys, self.joint_keys, self.keys),
-            (self.values, self.joint_values, self.values),
-        ):
-            for i, tensor in list(source.items()):
+        for tensors, buffers in ((self.keys, self.joint_keys), (self.values, self.joint_values)):
+            for i, tensor in list(tensors.items()):
                 buffer = tensor.new_empty(*tensor.shape[:2], length + block_length, tensor.shape[3])
                 buffer[:, :, :length] = tensor
-                joint[i], sliced[i] = buffer, buffer[:, :, :length]
+                buffers[i], tensors[i] = buffer, buffer[:, :, :length]
         return self
 
 
