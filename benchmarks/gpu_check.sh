@@ -10,7 +10,7 @@
 # then run `bash benchmarks/gpu_check.sh` there with `.whl` carried. It runs:
 #   1. the interpreted-kernel suite's cases with the real CUDA/Triton kernels (no interpreter), call counts included;
 #   2. modeling_tests/test_gpu.py: kernels against the naive recurrence, the release fixture on the GPU, bf16;
-#   3. the step costs at the real model's shape (bf16, random weights) and on the demo.
+#   3. the step costs at the real model's shape (bf16, random weights) and on the demo, eager and compiled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -23,4 +23,4 @@ TWOTOWER_KERNELS=cuda PYTHONPATH="modeling_tests:$PYTHONPATH" \
   python3 -m pytest -p interpreted_kernels modeling_tests/test_kernels_interpreted.py -q -rs -p no:cacheprovider
 python3 -m pytest modeling_tests/test_gpu.py -q -rs -p no:cacheprovider
 python3 -m transformers_twotower bench --device cuda --synthetic
-python3 -m transformers_twotower bench --device cuda --step-costs
+python3 -m transformers_twotower bench --device cuda --step-costs --compile --label gpu

@@ -67,3 +67,17 @@ def test_bf16_generation_stays_close_to_fp32():
     assert (low.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.75
     out = bf16.generate(prompt, max_new_tokens=16, block_size=8, steps_per_block=8, eos_token_id=None)
     assert out.shape == (1, 33) and (out != 3).all()
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["mask_diffusion", "ar"])
+def test_compiled_generation_on_gpu_gives_the_eager_tokens(mode):
+    """`compile=True` with its CUDA defaults: the denoiser under CUDA graphs (`reduce-overhead`), the context tower,
+    whose cache grows, with `default`; inductor, the release fixture, fp32."""
+    expected = json.loads((RELEASE_FIXTURE / "expected.json").read_text())
+    model = TwoTowerForDiffusionLM.from_pretrained(RELEASE_FIXTURE, dtype=torch.float32).cuda().eval()
+    ids = torch.tensor([expected["prompts"]["main"]]).cuda()
+    options = dict(generation_mode=mode, max_new_tokens=48, block_size=16, eos_token_id=None)
+    eager = model.generate(ids, **options)
+    for _ in range(2):  # the second run replays what the first compiled
+        assert torch.equal(model.generate(ids, compile=True, **options), eager)
