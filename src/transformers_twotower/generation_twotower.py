@@ -571,7 +571,7 @@ class TwoTowerGenerationMixin(GenerationMixin):
             positions=None if positions is None else positions[rows],
         )  # fmt: skip
         logits = computed.new_zeros(block.shape[0], *computed.shape[1:])
-        logits[rows] = computed
+        logits[rows.to(logits.device)] = computed
         return logits
 
     # ----------------------------------------------------------------------------------------------------------------

@@ -192,8 +192,9 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         hidden = denoiser(block_ids, context, t).last_hidden_state
         if positions is None:
             return self.lm_head(hidden).float()
+        positions = positions.to(hidden.device)  # (devices differ under a device map)
         logits = hidden.new_zeros(*block_ids.shape, self.lm_head.out_features, dtype=torch.float32)
-        logits[positions] = self.lm_head(hidden[positions]).float()
+        logits[positions] = self.lm_head(hidden[positions]).float().to(logits.device)
         return logits
 
     # ----------------------------------------------------------------------------------------------------------------
