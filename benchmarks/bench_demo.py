@@ -318,8 +318,9 @@ def step_costs(model, device: str, batch_sizes=(1, 8), prompt_length: int = 512,
             "extend_block": lambda: model.extend_context(cache, prompt[:, :16], keep_behind=False),
         }
         times = {name: [] for name in steps}
-        for fn in steps.values():
-            fn(), fn()  # warm-up (a compiled call compiles here)
+        for fn in steps.values():  # warm-up (a compiled call compiles here)
+            for _ in range(2):
+                fn()
         calls = 5
         for _ in range(repeats):
             for name, fn in steps.items():
