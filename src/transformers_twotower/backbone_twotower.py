@@ -41,7 +41,7 @@ def uses_package_kernel(function) -> bool:
 
 
 # Without the packages, a block no longer than a chunk (every denoiser step, every block extension) is cheaper on
-# the shortcuts below than through the torch fallbacks (2-3x, docs/architecture.md "Speed"); with them, the kernels.
+# the shortcuts below than through the torch fallbacks (docs/architecture.md, "Speed"); with them, the kernels.
 SHORT_BLOCK_CONV = not uses_package_kernel(causal_conv1d_fn)
 SHORT_BLOCK_SCAN = not uses_package_kernel(mamba2_chunk_scan)
 
