@@ -67,13 +67,13 @@ class DenoiserContext:
         mask = self.attention_mask
         if mask is not None:
             mask = mask.index_select(0, rows.to(mask.device))
-        keys, values = ({}, {}) if self.joint_keys else (pick(self.keys), pick(self.values))
+        keys, values = pick(self.joint_keys or self.keys), pick(self.joint_values or self.values)
         view = DenoiserContext(keys, values, pick(self.conv_history), pick(self.ssm_states), mask)
-        if self.joint_keys:  # gather the buffers, and view the context in them
+        if self.joint_keys:  # the gathered tensors are [context | block] buffers: view the context in them
             length = self.context_length
-            view.joint_keys, view.joint_values = pick(self.joint_keys), pick(self.joint_values)
-            view.keys = {i: buffer[:, :, :length] for i, buffer in view.joint_keys.items()}
-            view.values = {i: buffer[:, :, :length] for i, buffer in view.joint_values.items()}
+            view.joint_keys, view.joint_values = keys, values
+            view.keys = {i: buffer[:, :, :length] for i, buffer in keys.items()}
+            view.values = {i: buffer[:, :, :length] for i, buffer in values.items()}
         return view
 
     @property

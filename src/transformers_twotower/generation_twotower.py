@@ -140,7 +140,8 @@ class DiffusionStep(ModelOutput):
 
     block: index of the block; step: index of the step in the block; tokens: `(B, S)` the block before the step;
     t: `(B,)` each row's masked fraction; logits: `(B, S, V)` the denoiser's logits at every position (None in the
-    history; 0 for rows with nothing masked, which the denoiser does not compute); committed: `(B, S)` bool, the positions that took their prediction at this step.
+    history; 0 for rows with nothing masked, which the denoiser does not compute); committed: `(B, S)` bool, the
+    positions that took their prediction at this step.
     """
 
     block: int | None = None
@@ -276,14 +277,12 @@ class TwoTowerGenerationMixin(GenerationMixin):
         try:
             for tower, mode in towers.items():
                 compile_config = config.compile_config or CompileConfig(mode=mode)
-                calls = tower.__dict__.setdefault("_compiled_calls", [])
-                for built_for, call in calls:
-                    if built_for == compile_config:
-                        break
-                else:
-                    call = torch.compile(tower.__call__, **compile_config.to_dict())
-                    calls.append((compile_config, call))
-                tower.compiled_call = call
+                if not hasattr(tower, "_compiled_calls"):
+                    tower._compiled_calls = {}
+                key = repr(compile_config.to_dict())
+                if key not in tower._compiled_calls:
+                    tower._compiled_calls[key] = torch.compile(tower.__call__, **compile_config.to_dict())
+                tower.compiled_call = tower._compiled_calls[key]
             yield
         finally:
             for tower in towers:
@@ -527,12 +526,14 @@ class TwoTowerGenerationMixin(GenerationMixin):
             for step in range(steps):
                 masked = block == mask_id
                 active = masked.any(-1)
-                if not active.any():
+                num_active = int(active.sum())  # the step's one host sync
+                if num_active == 0:
                     break
                 t = masked.float().mean(-1)  # each row's fraction still masked
                 # The head runs on masked positions only, unless a step callback wants every logit.
                 positions = None if full_logits else masked
-                logits = self._denoise_active_rows(block, cache, t, active, in_cache, positions)
+                everything = num_active == batch_size == len(in_cache)
+                logits = self._denoise_active_rows(block, cache, t, active, in_cache, positions, everything)
                 pred, confidence = predict_tokens(logits, mask_id, warpers, generator)
                 commit = commit_mask(confidence, masked, step, steps, config.confidence_threshold)
                 if observers:
@@ -556,12 +557,12 @@ class TwoTowerGenerationMixin(GenerationMixin):
             self.extend_context(cache, block[in_cache], keep_behind=False)  # the context tower reads the block once
         return tracker.output()
 
-    def _denoise_active_rows(self, block, cache, t, active, in_cache, positions=None) -> torch.Tensor:
+    def _denoise_active_rows(self, block, cache, t, active, in_cache, positions, everything) -> torch.Tensor:
         """The denoiser's logits `(B, L, V)` for the whole batch, computed only for the `active` rows (something of
         their block still masked); the other rows' logits are 0, and nothing reads them. Every active row is in the
         cache (`in_cache`: the batch row of each cache row). The sampling noise is still drawn for the whole batch,
-        so a row's tokens do not depend on which other rows were computed."""
-        everything = len(in_cache) == len(block) and bool(active.all())
+        so a row's tokens do not depend on which other rows were computed. `everything`: every row is active and
+        in the cache."""
         if everything or not self._skip_idle_rows:
             return self.denoise_step(block, cache, t, positions=positions)
         places = active[in_cache].nonzero()[:, 0]  # the active rows' places in the cache
