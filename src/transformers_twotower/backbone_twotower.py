@@ -135,8 +135,11 @@ class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
         # device (the context tower's): it moves to this layer.
         history = conv_history.to(device=xBC.device, dtype=xBC.dtype)
         conv_inputs = torch.cat([history, xBC.transpose(1, 2)], dim=-1)  # (B, conv_dim, K - 1 + L)
+        # Compiled, a short block always takes the torch forms: inductor fuses them, and the packages' kernels would
+        # break the graph.
         short = length <= self.chunk_size
-        if short and SHORT_BLOCK_CONV:
+        compiling = torch.compiler.is_compiling()
+        if short and (SHORT_BLOCK_CONV or compiling):
             xBC = self.act(short_causal_conv(conv_inputs, self.conv1d.weight.squeeze(1), self.conv1d.bias, length))
         else:
             xBC = causal_conv1d_fn(
@@ -157,7 +160,7 @@ class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
         A = -torch.exp(self.A_log.float())  # (heads,)
         h0 = ssm_state.to(device=x.device, dtype=torch.float32)
         heads_per_group = self.num_heads // self.n_groups
-        if short and SHORT_BLOCK_SCAN:
+        if short and (SHORT_BLOCK_SCAN or compiling):
             y, final_state = one_chunk_scan(x, dt, A, B, C, self.D.float(), h0)
         else:
             y, zero_start_state = mamba2_chunk_scan(

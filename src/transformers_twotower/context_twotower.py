@@ -301,7 +301,6 @@ class TwoTowerContextTower(TwoTowerPreTrainedModel, NemotronHModel):
     """
 
     _tied_weights_keys = {"lm_head.weight": "embeddings.weight"}  # only with `tie_word_embeddings`
-    compiled_call = None  # set by `generate(compile=True)` while it runs: `extend` goes through it
 
     def __init__(self, config: TwoTowerConfig):
         TwoTowerPreTrainedModel.__init__(self, config)
@@ -351,7 +350,7 @@ class TwoTowerContextTower(TwoTowerPreTrainedModel, NemotronHModel):
             )
         behind = cache.snapshot_mamba_states() if keep_behind and token_ids.shape[1] == 1 else None
         mask = torch.cat([cache.attention_mask, torch.ones_like(token_ids)], dim=1)
-        hidden = self._append(cache, token_ids, mask, self.compiled_call)
+        hidden = self._append(cache, token_ids, mask)
         cache.mamba_states_behind = behind
         cache.next_token_logits = self.next_token_logits(hidden[:, -1])
         return cache
@@ -393,13 +392,11 @@ class TwoTowerContextTower(TwoTowerPreTrainedModel, NemotronHModel):
             if layer.block_type == "linear_attention"
         }
 
-    def _append(
-        self, cache: TwoTowerCache, token_ids: torch.Tensor, attention_mask: torch.Tensor, call=None
-    ) -> torch.Tensor:
-        """Run over `token_ids` (B, L) into the cache (through `call`, a compiled call of this tower, if given);
-        `attention_mask` covers the whole context, these tokens included. Returns the last hidden states (B, L, H)."""
+    def _append(self, cache: TwoTowerCache, token_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run over `token_ids` (B, L) into the cache; `attention_mask` covers the whole context, these tokens
+        included. Returns the last hidden states (B, L, H)."""
         cache.attention_mask = attention_mask
-        hidden = (call or self)(
+        hidden = self(
             input_ids=token_ids,
             attention_mask=None if bool(attention_mask.all()) else attention_mask,
             past_key_values=cache,

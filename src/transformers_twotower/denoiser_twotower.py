@@ -143,12 +143,13 @@ class DenoiserAttention(NemotronHAttention):
             return self.o_proj(output.reshape(rows, length, -1))
 
         in_place = joint_keys is not None and joint_keys.device == key.device and joint_keys.dtype == key.dtype
-        if in_place and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # Inference, eager: the block's K/V go into the tail of the view's [context | block] buffers.
+        if in_place and not torch.is_grad_enabled():
+            # Inference: the block's K/V go into the tail of the [context | block] buffers (the decode state's block
+            # region, or an eager view's own buffers), so the context is read where it lies.
             joint_keys[:, :, -key.shape[2] :] = key
             joint_values[:, :, -value.shape[2] :] = value
             key, value = joint_keys, joint_values
-        else:  # training, or compiled (a graph copies nothing it can fuse)
+        else:  # training
             key = torch.cat([context_keys, key], dim=2)  # (B, kv_heads, T + nb * S, hd)
             value = torch.cat([context_values, value], dim=2)
         if attention_mask is not None:
@@ -252,8 +253,6 @@ class TwoTowerDenoiser(TwoTowerPreTrainedModel):
     `TwoTowerCache.denoiser_context` or `TwoTowerContextTower.training_context`) and returns their final hidden
     states. `t` `(B * nb,)` is each block's masked fraction, or None for no time conditioning (Mock-AR).
     """
-
-    compiled_call = None  # set by `generate(compile=True)` while it runs: `denoise_step` goes through it
 
     def __init__(self, config: TwoTowerConfig):
         super().__init__(config)

@@ -5,7 +5,6 @@ Data flows one way: prompt -> `prefill` (cache) -> block loop -> step loop -> co
 
 import math
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +16,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
 from .context_twotower import check_left_padded, check_prompt_ids
+from .decoding_twotower import StaticSteps, decode_state
 from .sampling_twotower import commit_mask, predict_tokens
 
 
@@ -222,11 +222,9 @@ class TwoTowerGenerationMixin(GenerationMixin):
         stopping_criteria = self._prepare_stopping_criteria(config, stopping_criteria, tokenizer)
         if streamer is not None and input_ids.shape[0] != 1:
             raise ValueError(f"`streamer` supports batch size 1 only, got a batch of {input_ids.shape[0]}.")
-        with self._compiled_towers(config):
-            result = self._generate(
-                input_ids, attention_mask, config, logits_processor, stopping_criteria, streamer, generator,
-                step_callback,
-            )  # fmt: skip
+        result = self._generate(
+            input_ids, attention_mask, config, logits_processor, stopping_criteria, streamer, generator, step_callback
+        )
         if streamer is not None:
             streamer.end()
         return result if config.return_dict_in_generate else result.sequences
@@ -264,29 +262,6 @@ class TwoTowerGenerationMixin(GenerationMixin):
                 input_ids, attention_mask, config, logits_processor, stopping_criteria, streamer, generator
             )
         return result
-
-    @contextmanager
-    def _compiled_towers(self, config: "TwoTowerGenerationConfig"):
-        """With `compile=True`, the towers' decoding calls go through `torch.compile`d calls while generating, built
-        once per tower and compile config and kept on the tower (`_compiled_calls`) for the next `generate`."""
-        if not config.compile:
-            yield
-            return
-        on_cuda = self.device.type == "cuda"
-        towers = {self.context_tower: "default", self.denoiser_tower: "reduce-overhead" if on_cuda else "default"}
-        try:
-            for tower, mode in towers.items():
-                compile_config = config.compile_config or CompileConfig(mode=mode)
-                if not hasattr(tower, "_compiled_calls"):
-                    tower._compiled_calls = {}
-                key = repr(compile_config.to_dict())
-                if key not in tower._compiled_calls:
-                    tower._compiled_calls[key] = torch.compile(tower.__call__, **compile_config.to_dict())
-                tower.compiled_call = tower._compiled_calls[key]
-            yield
-        finally:
-            for tower in towers:
-                tower.compiled_call = None
 
     def generate_mask_diffusion(
         self,
@@ -505,6 +480,21 @@ class TwoTowerGenerationMixin(GenerationMixin):
     # ----------------------------------------------------------------------------------------------------------------
     # Mask diffusion
 
+    def _decoder(self, input_ids, attention_mask, config, keep_behind: bool) -> "_CacheDecoder | _StateDecoder":
+        """Read the prompts, and return what the loops decode from: the growing cache (eager), or with `compile=True`
+        the static decode state and its compiled steps (docs/architecture.md, "Static decoding")."""
+        cache = self.prefill(input_ids, attention_mask, keep_behind=keep_behind)
+        if not config.compile:
+            return _CacheDecoder(self, cache, self._skip_idle_rows)
+        block_size = config.block_size
+        round_up = lambda n: -(-n // block_size) * block_size  # noqa: E731
+        max_length = round_up(input_ids.shape[1] + round_up(config.max_new_tokens))
+        state = decode_state(self, cache, max_length, block_size, keep_behind)
+        compile_config = config.compile_config or CompileConfig(
+            mode="reduce-overhead" if self.device.type == "cuda" else "default"
+        )
+        return _StateDecoder(StaticSteps(self, state, compile_config), cache.next_token_logits)
+
     def _generate_mask_diffusion(
         self, input_ids, attention_mask, config, stopping_criteria, streamer, generator, observers, full_logits=False
     ) -> TwoTowerGenerationOutput:
@@ -516,8 +506,7 @@ class TwoTowerGenerationMixin(GenerationMixin):
         tracker = _RowTracker(
             input_ids, config.max_new_tokens, config.pad_token_id, eos, config.keep_eos_block, streamer
         )
-        cache = self.prefill(input_ids, attention_mask, keep_behind=False)  # only Mock-AR reads one token behind
-        in_cache = torch.arange(batch_size, device=input_ids.device)  # the batch row of every cache row
+        decoder = self._decoder(input_ids, attention_mask, config, keep_behind=False)  # only Mock-AR reads behind
         for block_idx in range(math.ceil(config.max_new_tokens / block_size)):
             block = torch.full((batch_size, block_size), mask_id, dtype=torch.long, device=input_ids.device)
             # Finished rows hold padding: nothing of theirs is masked, so they commit nothing and count no forward.
@@ -532,13 +521,12 @@ class TwoTowerGenerationMixin(GenerationMixin):
                 t = masked.float().mean(-1)  # each row's fraction still masked
                 # The head runs on masked positions only, unless a step callback wants every logit.
                 positions = None if full_logits else masked
-                everything = num_active == batch_size == len(in_cache)
-                logits = self._denoise_active_rows(block, cache, t, active, in_cache, positions, everything)
+                logits = decoder.denoise(block, t, active, num_active, positions)
                 pred, confidence = predict_tokens(logits, mask_id, warpers, generator)
                 commit = commit_mask(confidence, masked, step, steps, config.confidence_threshold)
                 if observers:
                     record = DiffusionStep(
-                        block=block_idx, step=step, tokens=block, t=t, logits=logits, committed=commit
+                        block=block_idx, step=step, tokens=block, t=t, logits=logits.clone(), committed=commit
                     )
                     for observe in observers:
                         observe(record)
@@ -549,31 +537,9 @@ class TwoTowerGenerationMixin(GenerationMixin):
             tracker.stop_where(stopping_criteria(tracker.sequences, None))
             if tracker.done:
                 break
-            if self._skip_idle_rows and tracker.finished[in_cache].any():
-                # Finished rows leave the cache: neither tower computes for them again.
-                keep = (~tracker.finished[in_cache]).nonzero()[:, 0]
-                cache.keep_rows(keep)
-                in_cache = in_cache[keep]
-            self.extend_context(cache, block[in_cache], keep_behind=False)  # the context tower reads the block once
+            decoder.leave(tracker.finished)
+            decoder.extend(block)  # the context tower reads the block once
         return tracker.output()
-
-    def _denoise_active_rows(self, block, cache, t, active, in_cache, positions, everything) -> torch.Tensor:
-        """The denoiser's logits `(B, L, V)` for the whole batch, computed only for the `active` rows (something of
-        their block still masked); the other rows' logits are 0, and nothing reads them. Every active row is in the
-        cache (`in_cache`: the batch row of each cache row). The sampling noise is still drawn for the whole batch,
-        so a row's tokens do not depend on which other rows were computed. `everything`: every row is active and
-        in the cache."""
-        if everything or not self._skip_idle_rows:
-            return self.denoise_step(block, cache, t, positions=positions)
-        places = active[in_cache].nonzero()[:, 0]  # the active rows' places in the cache
-        rows = in_cache[places]
-        computed = self.denoise_step(
-            block[rows], cache, t[rows], rows=None if len(places) == len(in_cache) else places,
-            positions=None if positions is None else positions[rows],
-        )  # fmt: skip
-        logits = computed.new_zeros(block.shape[0], *computed.shape[1:])
-        logits[rows.to(logits.device)] = computed
-        return logits
 
     # ----------------------------------------------------------------------------------------------------------------
     # Mock-AR and AR
@@ -589,13 +555,13 @@ class TwoTowerGenerationMixin(GenerationMixin):
         eos = torch.tensor(self._eos_ids(config), dtype=torch.long, device=input_ids.device)
 
         tracker = _RowTracker(input_ids, config.max_new_tokens, config.pad_token_id, eos, False, streamer)
-        cache = self.prefill(input_ids, attention_mask, keep_behind=mock_ar)
+        decoder = self._decoder(input_ids, attention_mask, config, keep_behind=mock_ar)
         last = input_ids[:, -1:]
         while True:
             if mock_ar:  # the denoiser re-reads the last token from the context one token behind
-                logits = self.denoise_step(last, cache, None, behind=True)[:, -1]
+                logits = decoder.denoise_behind(last)
             else:
-                logits = cache.next_token_logits
+                logits = decoder.next_token_logits
             scores = processors(tracker.sequences, logits) if processors else logits
             if warpers is None:
                 token = scores.argmax(-1)
@@ -607,8 +573,71 @@ class TwoTowerGenerationMixin(GenerationMixin):
             if tracker.done:
                 break
             last = tracker.sequences[:, -1:]
-            self.extend_context(cache, last, keep_behind=mock_ar)
+            decoder.extend(last, keep_behind=mock_ar)
         return tracker.output()
+
+
+class _CacheDecoder:
+    """Eager decoding over the growing `TwoTowerCache`: the denoiser computes only rows with something masked, and
+    finished rows leave the cache, so that neither tower computes for them again (`skip_idle_rows`)."""
+
+    def __init__(self, model, cache, skip_idle_rows: bool):
+        self.model, self.cache, self.skip_idle_rows = model, cache, skip_idle_rows
+        self.in_cache = torch.arange(cache.attention_mask.shape[0], device=cache.attention_mask.device)
+
+    @property
+    def next_token_logits(self) -> torch.Tensor:
+        return self.cache.next_token_logits
+
+    def denoise(self, block, t, active, num_active: int, positions) -> torch.Tensor:
+        """The denoiser's logits `(B, L, V)` for the whole batch, computed only for the `active` rows (something of
+        their block still masked); the other rows' logits are 0, and nothing reads them. The sampling noise is still
+        drawn for the whole batch, so a row's tokens do not depend on which other rows were computed."""
+        model, in_cache = self.model, self.in_cache
+        if not self.skip_idle_rows or num_active == block.shape[0] == len(in_cache):
+            return model.denoise_step(block, self.cache, t, positions=positions)
+        places = active[in_cache].nonzero()[:, 0]  # the active rows' places in the cache
+        rows = in_cache[places]
+        computed = model.denoise_step(
+            block[rows], self.cache, t[rows], rows=None if len(places) == len(in_cache) else places,
+            positions=None if positions is None else positions[rows],
+        )  # fmt: skip
+        logits = computed.new_zeros(block.shape[0], *computed.shape[1:])
+        logits[rows.to(logits.device)] = computed
+        return logits
+
+    def denoise_behind(self, last: torch.LongTensor) -> torch.Tensor:
+        return self.model.denoise_step(last, self.cache, None, behind=True)[:, -1]
+
+    def leave(self, finished: torch.Tensor):
+        """Finished rows leave the cache."""
+        if self.skip_idle_rows and finished[self.in_cache].any():
+            keep = (~finished[self.in_cache]).nonzero()[:, 0]
+            self.cache.keep_rows(keep)
+            self.in_cache = self.in_cache[keep]
+
+    def extend(self, tokens: torch.LongTensor, keep_behind: bool = False):
+        self.model.extend_context(self.cache, tokens[self.in_cache], keep_behind=keep_behind)
+
+
+class _StateDecoder:
+    """Decoding over the static decode state: every row runs every step (the shapes never change), each step one
+    compiled graph."""
+
+    def __init__(self, steps: StaticSteps, next_token_logits: torch.Tensor):
+        self.steps, self.next_token_logits = steps, next_token_logits
+
+    def denoise(self, block, t, active, num_active: int, positions) -> torch.Tensor:
+        return self.steps.denoise(block, t)
+
+    def denoise_behind(self, last: torch.LongTensor) -> torch.Tensor:
+        return self.steps.denoise(last, None, behind=True)[:, -1]
+
+    def leave(self, finished: torch.Tensor):
+        pass
+
+    def extend(self, tokens: torch.LongTensor, keep_behind: bool = False):
+        self.next_token_logits = self.steps.extend(tokens, keep_behind)
 
 
 class _RowTracker:

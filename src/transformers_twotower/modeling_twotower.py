@@ -188,8 +188,7 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         if t is not None and t.shape != (block_ids.shape[0],):
             raise ValueError(f"`t` must have shape ({block_ids.shape[0]},) or be None, got {tuple(t.shape)}.")
         context = cache.denoiser_context(block_ids.shape[1], behind=behind, rows=rows)
-        denoiser = self.denoiser_tower.compiled_call or self.denoiser_tower
-        hidden = denoiser(block_ids, context, t).last_hidden_state
+        hidden = self.denoiser_tower(block_ids, context, t).last_hidden_state
         if positions is None:
             return self.lm_head(hidden).float()
         positions = positions.to(hidden.device)  # (devices differ under a device map)
