@@ -4,7 +4,6 @@ import pytest
 import torch
 from conftest import left_pad, nemotron_h_from_context_tower, tiny_model, word_tokenizer
 from transformers import (
-    CompileConfig,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -134,30 +133,6 @@ def test_head_on_masked_positions_only_changes_nothing(model):
     assert torch.equal(model.generate(ids, attention_mask=mask, **kwargs), observed)
     unmasked = records[-1].tokens != model.config.mask_token_id
     assert unmasked.any() and (records[-1].logits[unmasked] != 0).any(-1).all()
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_compiled_generation_gives_the_same_tokens(model, mode):
-    """`compile=True` runs both towers' decoding calls through `torch.compile` (here with a backend that records the
-    graphs it is given and runs them as they are): the same tokens, and the graphs really ran."""
-    graphs = []
-
-    def recording_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    rows = prompts(model, [3, 9, 5], seed=1)
-    ids, mask = left_pad(rows)
-    kwargs = dict(generation_mode=mode, max_new_tokens=10, eos_token_id=None, **DIFFUSION)
-    plain = model.generate(ids, attention_mask=mask, **kwargs)
-    compile_config = CompileConfig(backend=recording_backend, mode=None)
-    compiled = model.generate(ids, attention_mask=mask, compile=True, compile_config=compile_config, **kwargs)
-    assert torch.equal(compiled, plain)
-    assert graphs, "nothing went through torch.compile"
-    assert model.context_tower.compiled_call is None and model.denoiser_tower.compiled_call is None
-    graphs.clear()
-    again = model.generate(ids, attention_mask=mask, compile=True, compile_config=compile_config, **kwargs)
-    assert torch.equal(again, plain) and not graphs, "the compiled calls are kept: a second generate compiles nothing"
 
 
 @pytest.mark.parametrize("mode", MODES)

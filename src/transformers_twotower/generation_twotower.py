@@ -622,22 +622,23 @@ class _CacheDecoder:
 
 class _StateDecoder:
     """Decoding over the static decode state: every row runs every step (the shapes never change), each step one
-    compiled graph."""
+    compiled graph. Token inputs are made contiguous: a column sliced from the growing sequences has a stride that
+    changes every step, and a compiled graph is specialised to its inputs' strides."""
 
     def __init__(self, steps: StaticSteps, next_token_logits: torch.Tensor):
         self.steps, self.next_token_logits = steps, next_token_logits
 
     def denoise(self, block, t, active, num_active: int, positions) -> torch.Tensor:
-        return self.steps.denoise(block, t)
+        return self.steps.denoise(block.contiguous(), t)
 
     def denoise_behind(self, last: torch.LongTensor) -> torch.Tensor:
-        return self.steps.denoise(last, None, behind=True)[:, -1]
+        return self.steps.denoise(last.contiguous(), None, behind=True)[:, -1]
 
     def leave(self, finished: torch.Tensor):
         pass
 
     def extend(self, tokens: torch.LongTensor, keep_behind: bool = False):
-        self.next_token_logits = self.steps.extend(tokens, keep_behind)
+        self.next_token_logits = self.steps.extend(tokens.contiguous(), keep_behind)
 
 
 class _RowTracker:
