@@ -485,7 +485,8 @@ class TwoTowerGenerationMixin(GenerationMixin):
         the static decode state and its compiled steps (docs/architecture.md, "Static decoding")."""
         cache = self.prefill(input_ids, attention_mask, keep_behind=keep_behind)
         if not config.compile:
-            return _CacheDecoder(self, cache, self._skip_idle_rows)
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+            return _CacheDecoder(self, cache, rows, self._skip_idle_rows)
         block_size = config.block_size
         round_up = lambda n: -(-n // block_size) * block_size  # noqa: E731
         max_length = round_up(input_ids.shape[1] + round_up(config.max_new_tokens))
@@ -581,9 +582,9 @@ class _CacheDecoder:
     """Eager decoding over the growing `TwoTowerCache`: the denoiser computes only rows with something masked, and
     finished rows leave the cache, so that neither tower computes for them again (`skip_idle_rows`)."""
 
-    def __init__(self, model, cache, skip_idle_rows: bool):
+    def __init__(self, model, cache, rows: torch.LongTensor, skip_idle_rows: bool):
         self.model, self.cache, self.skip_idle_rows = model, cache, skip_idle_rows
-        self.in_cache = torch.arange(cache.attention_mask.shape[0], device=cache.attention_mask.device)
+        self.in_cache = rows  # the batch row of every cache row
 
     @property
     def next_token_logits(self) -> torch.Tensor:

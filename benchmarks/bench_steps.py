@@ -1,0 +1,350 @@
+"""Step costs of static decoding, beside the memory floor each step cannot beat.
+
+    python -m transformers_twotower bench --synthetic [--layers 26] [--experts 128] [--batch-sizes 1 8 32]
+        [--device cuda] [--variants eager cuda_graph compiled] [--prompt-length 512] [--label synthetic]
+
+Random weights at the release's real widths (hidden 2688, Mamba 64x64 heads, chunk 128, 128 routed experts top-6
+plus the shared expert, 131072-token vocabulary), the first `--layers` of its 52-layer pattern, both towers, built
+directly in bf16 on the device. `--scale small` runs the same code at a small width on a CPU (the test suite does).
+
+After a `--prompt-length` prompt, per batch size, four steps on the static decode state:
+
+- `ar_step`: one token per row through the context tower, next-token logits out (the AR baseline's step);
+- `denoise_masked`, `denoise_half`: the denoiser over a 16-token block, all masked (t = 1) and half filled (t = 0.5);
+- `extend_block`: a committed 16-token block through the context tower.
+
+Each as `eager` (the step functions as they are), `cuda_graph` (captured once into a `torch.cuda.CUDAGraph`,
+then replayed) and `compiled` (what `generate(compile=True)` runs: inductor with `fullgraph=True`, and CUDA graphs
+on CUDA via `mode="reduce-overhead"`). Times are the median of `--repeats` synchronised runs, each the mean of
+several calls.
+
+Beside each: the bytes the step must read (the weights it touches, routed experts counted as the distinct experts
+its tokens select in each MoE layer, the head, the K/V it attends over and the Mamba states it reads and writes),
+the memory floor (those bytes over the bandwidth of a large device-to-device copy measured in the same run) and
+time over floor; and the diffusion/AR throughput the step costs imply at 2, 3 and 5 tokens per forward, beside the
+release's 2.42x. Stored under `--label` in `benchmarks/results/step_costs_<device>.json`.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+ROOT = Path(__file__).resolve().parent.parent
+RELEASE_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"  # Nemotron-3-Nano-30B-A3B, 52 layers
+BLOCK = 16
+RELEASE_SPEEDUP = 2.42
+
+
+def synthetic_config(layers: int, experts: int, scale: str):
+    from transformers_twotower import TwoTowerConfig
+
+    pattern = RELEASE_PATTERN[:layers]
+    if scale == "real":
+        widths = dict(
+            vocab_size=131072, hidden_size=2688, num_attention_heads=32, num_key_value_heads=2, head_dim=128,
+            mamba_num_heads=64, mamba_head_dim=64, n_groups=8, ssm_state_size=128, chunk_size=128,
+            moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712, num_experts_per_tok=6,
+        )  # fmt: skip
+    else:
+        widths = dict(
+            vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            mamba_num_heads=4, mamba_head_dim=16, n_groups=2, ssm_state_size=16, chunk_size=16,
+            moe_intermediate_size=32, moe_shared_expert_intermediate_size=64, num_experts_per_tok=2,
+        )  # fmt: skip
+    return TwoTowerConfig(
+        hybrid_override_pattern=pattern, n_routed_experts=experts, routed_scaling_factor=2.5, n_group=1,
+        topk_group=1, time_step_limit=(0.0, float("inf")), **widths,
+    )  # fmt: skip
+
+
+def synthetic_model(layers: int, experts: int, scale: str, device: str, dtype: torch.dtype):
+    """Random weights built directly in `dtype` on `device` (never materialised in fp32)."""
+    from transformers_twotower import TwoTowerForDiffusionLM
+
+    with torch.device(device):
+        model = TwoTowerForDiffusionLM._from_config(synthetic_config(layers, experts, scale), dtype=dtype)
+    with torch.no_grad():  # routers that spread tokens over the experts, as trained ones do
+        for name, parameter in model.named_parameters():
+            if name.endswith("gate.weight"):
+                parameter.normal_(std=parameter.shape[1] ** -0.5)
+    return model.eval()
+
+
+def synchronize(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str, megabytes: int) -> float:
+    """Bytes moved per second (read + write) by a large device-to-device copy, median of 5."""
+    source = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    times = []
+    for _ in range(5):
+        synchronize(device)
+        began = time.perf_counter()
+        target.copy_(source)
+        synchronize(device)
+        times.append(time.perf_counter() - began)
+    return 2 * source.numel() / statistics.median(times)
+
+
+class RouterLog:
+    """The distinct routed experts the tokens of one call select, per MoE layer (forward hooks on the routers)."""
+
+    def __init__(self, tower):
+        self.selected: dict[str, set] = {}
+        self.handles = [
+            module.register_forward_hook(self._record(name))
+            for name, module in tower.named_modules()
+            if name.endswith("mixer.gate")
+        ]
+
+    def _record(self, name):
+        def hook(module, inputs, outputs):
+            self.selected.setdefault(name, set()).update(outputs[2].flatten().tolist())
+
+        return hook
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def step_bytes(model, tower, head, run, tokens: int, state, reads_context: int, writes_states: bool) -> dict:
+    """What one call of `run` must read: the tower's weights (routed experts: the distinct ones selected; the
+    embeddings: only the rows looked up), the head, the K/V of `reads_context` positions, the Mamba states."""
+    log = RouterLog(tower)
+    with torch.no_grad():
+        run()
+    log.close()
+    dense = [
+        p for n, p in tower.named_parameters()
+        if ".experts." not in n and not n.startswith(("embeddings.", "lm_head."))
+    ]  # fmt: skip
+    weights = tensor_bytes(dense) + tensor_bytes([head.weight])
+    embedding = tower.embeddings.weight
+    weights += tokens * embedding.shape[1] * embedding.element_size()
+    experts = 0
+    distinct = []
+    for name, chosen in log.selected.items():
+        module = tower.get_submodule(name.removesuffix(".gate") + ".experts")
+        per_expert = tensor_bytes([module.up_proj[0], module.down_proj[0]])
+        experts += len(chosen) * per_expert
+        distinct.append(len(chosen))
+    batch = state.key_real.shape[0]
+    kv = sum(2 * batch * k.shape[1] * reads_context * k.shape[3] * k.element_size() for k in state.keys.values())
+    mamba = tensor_bytes([*state.conv.values(), *state.ssm.values()]) * (2 if writes_states else 1)
+    return {
+        "bytes": weights + experts + kv + mamba,
+        "weight_bytes": weights + experts,
+        "distinct_experts_per_moe_layer": round(statistics.mean(distinct), 1) if distinct else 0,
+    }
+
+
+def timed(fn, device: str, repeats: int, calls: int) -> float:
+    """Median over `repeats` of the mean time of `calls` calls, in ms (synchronised)."""
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        began = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        times.append((time.perf_counter() - began) / calls)
+    return statistics.median(times) * 1e3
+
+
+def cuda_graph(fn):
+    """`fn` captured once into a CUDA graph (after a warm-up on a side stream); returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def step_functions(model, state, batch: int, compiled: bool):
+    """The four steps on `state`, each leaving its length as it found it (a context step's K/V and Mamba writes stay:
+    the next call overwrites the same positions)."""
+    from transformers import CompileConfig
+
+    from transformers_twotower.decoding_twotower import StaticSteps
+
+    device = state.length.device
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    steps = StaticSteps(model, state, CompileConfig(mode=mode) if compiled else None)
+    mask_id = model.config.mask_token_id
+    generator = torch.Generator().manual_seed(0)
+    block = torch.randint(4, model.config.vocab_size, (batch, BLOCK), generator=generator).to(device)
+    masked = torch.full_like(block, mask_id)
+    half = block.clone()
+    half[:, ::2] = mask_id
+    one, halfway = torch.ones(batch, device=device), torch.full((batch,), 0.5, device=device)
+    token = block[:, :1].contiguous()
+
+    def context(tokens):
+        def run():
+            steps.extend(tokens)
+            state.length.sub_(tokens.shape[1])
+
+        return run
+
+    return {
+        "ar_step": (context(token), 1),
+        "denoise_masked": (lambda: steps.denoise(masked, one), BLOCK),
+        "denoise_half": (lambda: steps.denoise(half, halfway), BLOCK),
+        "extend_block": (context(block), BLOCK),
+    }
+
+
+def measure(model, batch_sizes, variants, prompt_length: int, repeats: int, bandwidth: float) -> dict:
+    from transformers_twotower.decoding_twotower import decode_state
+
+    device = str(model.device)
+    results = {}
+    for batch in batch_sizes:
+        prompt = torch.randint(4, model.config.vocab_size, (batch, prompt_length), device=model.device)
+        cache = model.prefill(prompt, keep_behind=False)
+        state = decode_state(model, cache, prompt_length + 2 * BLOCK, BLOCK, keep_behind=False)
+        eager = step_functions(model, state, batch, compiled=False)
+        entry = {}
+        for name, (fn, tokens) in eager.items():
+            context_tower = name in ("ar_step", "extend_block")
+            tower = model.context_tower if context_tower else model.denoiser_tower
+            head = model.context_tower.lm_head if context_tower else model.lm_head
+            reads = prompt_length + (tokens if context_tower else BLOCK)
+            entry[name] = step_bytes(model, tower, head, fn, tokens * batch, state, reads, context_tower)
+            entry[name]["floor_ms"] = round(entry[name]["bytes"] / bandwidth * 1e3, 4)
+        for variant in variants:
+            began = time.perf_counter()
+            try:
+                with torch.no_grad():
+                    functions = step_functions(model, state, batch, compiled=variant == "compiled")
+                    if variant == "cuda_graph":
+                        functions = {name: (cuda_graph(fn), tokens) for name, (fn, tokens) in functions.items()}
+                    for fn, _ in functions.values():  # warm-up (compiles and records here)
+                        for _ in range(3):
+                            fn()
+                    setup = time.perf_counter() - began
+                    for name, (fn, _) in functions.items():
+                        ms = timed(fn, device, repeats, calls=5)
+                        entry[name][f"{variant}_ms"] = round(ms, 3)
+                        entry[name][f"{variant}_over_floor"] = round(ms / entry[name]["floor_ms"], 2)
+                entry.setdefault("setup_seconds", {})[variant] = round(setup, 1)
+            except Exception as error:  # one variant failing (a kernel, a compiler) leaves the others' figures
+                entry.setdefault("errors", {})[variant] = f"{type(error).__name__}: {error}"[:2000]
+        entry["implied_speedup"] = implied_speedups(entry, variants)
+        results[f"batch_{batch}"] = entry
+    return results
+
+
+def implied_speedups(entry: dict, variants) -> dict:
+    """Diffusion over AR throughput at k tokens per forward: a block of 16 costs 16 AR steps, or 16 / k denoiser
+    steps (the mean of the all-masked and half-filled ones) and one extension."""
+    implied = {}
+    for variant in variants:
+        key = f"{variant}_ms"
+        if all(key in entry[name] for name in ("ar_step", "denoise_masked", "denoise_half", "extend_block")):
+            denoise = (entry["denoise_masked"][key] + entry["denoise_half"][key]) / 2
+            ar = BLOCK * entry["ar_step"][key]
+            implied[variant] = {
+                f"{k}_tokens_per_forward": round(ar / (BLOCK / k * denoise + entry["extend_block"][key]), 2)
+                for k in (2, 3, 5)
+            }
+    return implied
+
+
+def print_table(result: dict, variants):
+    print(f"\n{result['model']} on {result['device']}, bandwidth {result['bandwidth_gb_s']} GB/s")
+    for batch, entry in result["batches"].items():
+        print(f"{batch}:")
+        print(f"  {'step':>15} {'MB read':>9} {'experts':>8} {'floor ms':>9} " + " ".join(f"{v:>18}" for v in variants))
+        for name in ("ar_step", "denoise_masked", "denoise_half", "extend_block"):
+            row = entry[name]
+            cells = [
+                f"{row[f'{v}_ms']:8.3f} ({row[f'{v}_over_floor']:5.1f}x)" if f"{v}_ms" in row else f"{'-':>18}"
+                for v in variants
+            ]
+            print(
+                f"  {name:>15} {row['bytes'] / 1e6:9.1f} {row['distinct_experts_per_moe_layer']:8} "
+                f"{row['floor_ms']:9.3f} " + " ".join(f"{c:>18}" for c in cells)
+            )
+        for variant, speedups in entry["implied_speedup"].items():
+            print(f"  implied diffusion/AR ({variant}): {speedups} (release: {RELEASE_SPEEDUP}x)")
+        for variant, error in entry.get("errors", {}).items():
+            print(f"  {variant} failed: {error.splitlines()[0][:200]}")
+
+
+def store(result: dict, device: str, label: str) -> Path:
+    path = ROOT / f"benchmarks/results/step_costs_{device.split(':')[0]}.json"
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    stored[label] = result
+    path.write_text(json.dumps(stored, indent=2) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m transformers_twotower bench --synthetic", description=__doc__)
+    parser.add_argument("--synthetic", action="store_true", help="(how `bench` dispatches here)")
+    parser.add_argument("--layers", type=int, default=26, help="a prefix of the release's 52-layer pattern")
+    parser.add_argument("--experts", type=int, default=128)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--scale", choices=["real", "small"], default="real")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variants", nargs="+", choices=["eager", "cuda_graph", "compiled"])
+    parser.add_argument("--prompt-length", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--label", help="default: synthetic_<scale>_<layers>_layers")
+    parser.add_argument("--no-store", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    if not 1 <= args.layers <= len(RELEASE_PATTERN):
+        raise SystemExit(f"error: --layers must be in [1, {len(RELEASE_PATTERN)}], got {args.layers}")
+    on_cuda = args.device.startswith("cuda")
+    if on_cuda and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but CUDA is not available")
+    variants = args.variants or (["eager", "cuda_graph", "compiled"] if on_cuda else ["eager", "compiled"])
+    if "cuda_graph" in variants and not on_cuda:
+        raise SystemExit("error: the cuda_graph variant needs --device cuda")
+    dtype = torch.bfloat16 if on_cuda else torch.float32
+    began = time.perf_counter()
+    model = synthetic_model(args.layers, args.experts, args.scale, args.device, dtype)
+    parameters = sum(p.numel() for p in model.parameters())
+    bandwidth = copy_bandwidth(args.device, 4096 if on_cuda else 256)
+    with torch.no_grad():
+        batches = measure(model, args.batch_sizes, variants, args.prompt_length, args.repeats, bandwidth)
+    result = {
+        "model": f"synthetic {args.scale}: {args.layers} layers, {args.experts} experts, {parameters / 1e9:.2f}B "
+        f"parameters, {str(dtype).removeprefix('torch.')}",
+        "device": torch.cuda.get_device_name() if on_cuda else "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "prompt_tokens": args.prompt_length,
+        "bandwidth_gb_s": round(bandwidth / 1e9, 1),
+        "batches": batches,
+        "seconds": round(time.perf_counter() - began, 1),
+    }
+    print_table(result, variants)
+    if not args.no_store:
+        label = args.label or f"synthetic_{args.scale}_{args.layers}_layers"
+        print(f"wrote {store(result, args.device, label)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
