@@ -3,7 +3,7 @@
     python -m transformers_twotower bench [--model DIR] [--prompts 32] [--repeats 3] [--batch-sizes 1 8]
         [--thresholds 0.5 0.7 0.8 0.9 0.95] [--output benchmarks/results/demo_cpu.json] [--device cpu]
     python -m transformers_twotower bench --step-costs [--label after] [--compile]   # one step of each kind
-    python -m transformers_twotower bench --device cuda --synthetic     # GPU: step costs at the real model's size
+    python -m transformers_twotower bench --synthetic [...]   # step costs at the release's widths (bench_steps.py)
 
 Prompts: `--prompts` windows of 128 tokens from the held-out stdlib modules listed in the demo's `train_log.json`
 (never trained on), each followed by its true 32-token continuation. Two scenarios, at each batch size:
@@ -24,10 +24,10 @@ Per row of the output:
   median of `--repeats`; tokens_per_second from the median;
 - context_tokens_per_token: tokens the context tower processed after the prompts, per generated token.
 
-`--step-costs` times one denoiser step over a fully masked 16-token block, one AR decode step and one block
-extension after a 512-token prompt, at batch 1 and 8 (alternated, median of `--repeats`, at least 5), counts the aten
-operator calls of each and per generated token of a 64-token `generate`, and stores the figures under `--label` in
-`benchmarks/results/step_costs_<device>.json` (`--compile`: also through `generate(compile=True)`'s compiled calls).
+`--step-costs` runs benchmarks/bench_steps.py's measurement on the demo: the static-decoding steps (AR step,
+denoiser step on a masked and a half-filled block, block extension) after a 512-token prompt at batch 1 and 8, eager
+and with `--compile` compiled, beside their memory floor, stored under `--label` in
+`benchmarks/results/step_costs_<device>.json`.
 
 Writes the rows as JSON, a PNG plot (throughput ratio against quality retention; needs matplotlib), and prints a table.
 """
@@ -286,115 +286,23 @@ def plot(rows: list[dict], path: Path):
     print(f"wrote {path}")
 
 
-def aten_calls(fn) -> int:
-    """How many aten operator calls one call of `fn` makes."""
-    from torch.profiler import profile
+def demo_step_costs(model, args) -> int:
+    """The demo's static-decoding steps after a 512-token prompt, batch 1 and 8 (benchmarks/bench_steps.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_steps import copy_bandwidth, measure, print_table, store
 
-    with profile() as profiler:
-        fn()
-    return sum(1 for event in profiler.events() if event.name.startswith("aten::"))
-
-
-def step_costs(model, device: str, batch_sizes=(1, 8), prompt_length: int = 512, repeats: int = 7) -> dict:
-    """After a `prompt_length`-token prompt: one denoiser step over a fully masked 16-token block and one context
-    extension by a block, against one AR decode step (a one-token extension with its next-token logits); in ms, the
-    three alternated, median of `repeats` (each the mean of several calls). One thread: process CPU time (stable on a
-    shared machine); more: wall-clock. Also the aten calls of each step, and per generated token of a 64-token
-    `generate` at batch 1 (greedy, threshold 0.8)."""
-    config = model.config
-    threads = torch.get_num_threads()
-    clock = time.process_time if threads == 1 and device == "cpu" else time.perf_counter
-    result = {"device": device, "dtype": str(model.dtype), "threads": threads, "clock": clock.__name__}
-    result |= {"layers": config.num_hidden_layers, "hidden_size": config.hidden_size, "prompt_tokens": prompt_length}
-    for batch_size in batch_sizes:
-        generator = torch.Generator().manual_seed(0)
-        prompt = torch.randint(4, config.vocab_size, (batch_size, prompt_length), generator=generator).to(device)
-        block = torch.full((batch_size, 16), config.mask_token_id, device=device)
-        t = torch.ones(batch_size, device=device)
-        cache = model.prefill(prompt, keep_behind=False)
-        steps = {  # each leaves the cache as it found it, but for the context growing: small next to the prompt
-            "denoise_step": lambda: model.denoise_step(block, cache, t),
-            "ar_step": lambda: model.extend_context(cache, prompt[:, :1], keep_behind=False),
-            "extend_block": lambda: model.extend_context(cache, prompt[:, :16], keep_behind=False),
-        }
-        times = {name: [] for name in steps}
-        for fn in steps.values():  # warm-up (a compiled call compiles here)
-            for _ in range(2):
-                fn()
-        calls = 5
-        for _ in range(repeats):
-            for name, fn in steps.items():
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                began = clock()
-                for _ in range(calls):
-                    fn()
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                times[name].append((clock() - began) / calls)
-        ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
-        entry = {f"{name}_ms": round(value, 3) for name, value in ms.items()}
-        entry["denoise_step_over_ar_step"] = round(ms["denoise_step"] / ms["ar_step"], 3)
-        entry["extend_block_over_ar_step"] = round(ms["extend_block"] / ms["ar_step"], 3)
-        if device == "cpu":
-            entry["aten_calls"] = {name: aten_calls(fn) for name, fn in steps.items()}
-        result[f"batch_{batch_size}"] = entry
-    if device == "cpu":
-        result["aten_calls_per_generated_token"] = generate_aten_calls(model, device)
-    return result
-
-
-def generate_aten_calls(model, device: str, new_tokens: int = 64) -> dict:
-    """aten calls per generated token of one `generate` (batch 1, a 64-token prompt, greedy) in each mode."""
-    prompt = torch.randint(4, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
-    counts = {}
-    for mode in ("ar", "mask_diffusion"):
-        options = dict(generation_mode=mode, max_new_tokens=new_tokens, eos_token_id=None, confidence_threshold=0.8)
-        model.generate(prompt.to(device), **options)  # warm-up
-        counts[mode] = round(aten_calls(lambda: model.generate(prompt.to(device), **options)) / new_tokens, 1)
-    return counts
-
-
-def compiled_steps(model):
-    """The context in which `generate(compile=True)` runs the towers through their compiled calls."""
-    from transformers_twotower import TwoTowerGenerationConfig
-
-    return model._compiled_towers(TwoTowerGenerationConfig(compile=True))
-
-
-def store_step_costs(result: dict, device: str, label: str) -> Path:
-    """Add `result` under `label` to `benchmarks/results/step_costs_<device>.json` (other labels are kept)."""
-    path = ROOT / f"benchmarks/results/step_costs_{device.split(':')[0]}.json"
-    stored = json.loads(path.read_text()) if path.is_file() else {}
-    stored[label] = result
-    path.write_text(json.dumps(stored, indent=2) + "\n")
-    return path
-
-
-def synthetic_model(device: str, scale: str):
-    """Random weights at the real model's shape (`real`: the release's 52-layer pattern and widths, 8 experts instead
-    of 128 to fit one GPU, bf16) or a small stand-in that runs the same code on a CPU."""
-    from transformers_twotower import TwoTowerConfig, TwoTowerForDiffusionLM
-
-    if scale == "real":
-        config = TwoTowerConfig(
-            vocab_size=131072, hidden_size=2688, num_attention_heads=32, num_key_value_heads=2, head_dim=128,
-            hybrid_override_pattern="MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME", mamba_num_heads=64,
-            mamba_head_dim=64, n_groups=8, ssm_state_size=128, chunk_size=128, n_routed_experts=8,
-            num_experts_per_tok=6, moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712,
-            routed_scaling_factor=2.5,
-        )  # fmt: skip
-        dtype = torch.bfloat16
-    else:
-        config = TwoTowerConfig(
-            vocab_size=512, hidden_size=64, hybrid_override_pattern="MEM*EMEM*E", num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, mamba_num_heads=4, mamba_head_dim=16, n_groups=2, ssm_state_size=16,
-            chunk_size=8, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-            moe_shared_expert_intermediate_size=64,
-        )  # fmt: skip
-        dtype = torch.float32
-    with torch.device(device):
-        return TwoTowerForDiffusionLM(config).to(dtype).eval()
+    variants = ["eager", "compiled"] if args.compile else ["eager"]
+    began = time.process_time()
+    bandwidth = copy_bandwidth(args.device, 256)
+    batches = measure(model, [1, 8], variants, 512, max(5, args.repeats), bandwidth)
+    result = {
+        "model": "demo", "device": args.device, "threads": torch.get_num_threads(), "prompt_tokens": 512,
+        "bandwidth_gb_s": round(bandwidth / 1e9, 1), "batches": batches,
+        "cpu_seconds_with_compilation": round(time.process_time() - began),
+    }  # fmt: skip
+    print_table(result, variants)
+    print(f"wrote {store(result, args.device, args.label)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -413,23 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-costs", action="store_true", help="time one denoiser step, AR step, extension")
     parser.add_argument("--label", default="after", help="--step-costs: the key the figures are stored under")
     parser.add_argument("--compile", action="store_true", help="--step-costs: also the compiled steps")
-    parser.add_argument("--synthetic", action="store_true", help="step costs at the real model's size, random weights")
-    parser.add_argument("--synthetic-scale", choices=["real", "small"], default="real")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    if args.synthetic:
-        if args.synthetic_scale == "real" and not args.device.startswith("cuda"):
-            print("skipped: the synthetic run at the real model's size needs --device cuda (bf16, mamba-ssm kernels)")
-            return 0
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            print("skipped: --device cuda but CUDA is not available")
-            return 0
-        with torch.no_grad():
-            result = step_costs(synthetic_model(args.device, args.synthetic_scale), args.device, batch_sizes=(1,))
-        print(json.dumps({"model": f"synthetic ({args.synthetic_scale})", **result}, indent=2))
-        return 0
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available")
 
@@ -447,16 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     model = TwoTowerForDiffusionLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
     torch.set_grad_enabled(False)
     if args.step_costs:
-        result = {"model": str(folder), **step_costs(model, args.device, repeats=max(5, args.repeats))}
-        if args.compile:
-            began = time.process_time()
-            with compiled_steps(model):
-                compiled = step_costs(model, args.device, repeats=max(5, args.repeats))
-            compiled.pop("aten_calls_per_generated_token", None)
-            result["compiled"] = {**compiled, "compile_and_measure_cpu_seconds": round(time.process_time() - began)}
-        print(json.dumps(result, indent=2))
-        print(f"wrote {store_step_costs(result, args.device, args.label)}")
-        return 0
+        return demo_step_costs(model, args)
     prompts, truth = held_out_windows(tokenizer, held_out, args.prompts)
     scenarios = {"plain": plain_scenario(prompts, truth), "mixed": mixed_scenario(tokenizer, prompts, truth)}
 

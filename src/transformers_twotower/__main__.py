@@ -88,10 +88,13 @@ def generate(args) -> int:
 
 
 def bench(argv: list[str]) -> int:
+    """`bench --synthetic ...`: benchmarks/bench_steps.py (step costs at the release's widths); otherwise the demo
+    benchmark, benchmarks/bench_demo.py."""
+    script = "bench_steps.py" if "--synthetic" in argv else "bench_demo.py"
     checkout = Path(__file__).resolve().parents[2] / "benchmarks"
-    if not (checkout / "bench_demo.py").is_file():
+    if not (checkout / script).is_file():
         raise SystemExit("error: the benchmark lives in benchmarks/ of the repository; run it from a checkout")
-    return runpy.run_path(str(checkout / "bench_demo.py"), run_name="bench_demo")["main"](argv)
+    return runpy.run_path(str(checkout / script), run_name=script.removesuffix(".py"))["main"](argv)
 
 
 def main(argv: list[str] | None = None) -> int:
