@@ -71,6 +71,7 @@ PACKAGE_CODE = {
     "backbone_twotower.py",
     "configuration_twotower.py",
     "context_twotower.py",
+    "decoding_twotower.py",
     "denoiser_twotower.py",
     "generation_twotower.py",
     "modeling_twotower.py",

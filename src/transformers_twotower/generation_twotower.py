@@ -82,11 +82,10 @@ class TwoTowerGenerationConfig(GenerationConfig):
         The release's EOS rule for mask diffusion: a row ends after the block that holds its EOS, and that block is
         returned whole, tokens after EOS included. By default (transformers' rule) what follows EOS is padding.
     compile (`bool`, defaults to `False`):
-        Run the decoding calls of both towers (denoiser steps, context extensions; not the prompt's prefill) through
-        `torch.compile`, with transformers' `compile_config` if set (a [`CompileConfig`]). By default: on CUDA the
-        denoiser with `mode="reduce-overhead"` (CUDA graphs: a block's steps have one shape) and the context tower,
-        whose cache grows, with `mode="default"`; on other devices both with `mode="default"`. The first calls compile
-        (tens of seconds on a CPU for the demo, docs/generation.md); the compiled calls are kept on the towers.
+        Decode from the static decode state (fixed-address buffers for both towers) with its two step functions
+        compiled with `fullgraph=True`, with transformers' `compile_config` if set (a [`CompileConfig`]); by default
+        `mode="reduce-overhead"` on CUDA (each step one CUDA graph) and inductor elsewhere. The first call compiles
+        (about a minute on a CPU for a small model); the compiled steps and the state are kept on the model.
     """
 
     def __init__(self, **kwargs):
