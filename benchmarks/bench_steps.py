@@ -274,7 +274,9 @@ def print_table(result: dict, variants):
     print(f"\n{result['model']} on {result['device']}, bandwidth {result['bandwidth_gb_s']} GB/s")
     for batch, entry in result["batches"].items():
         print(f"{batch}:")
-        print(f"  {'step':>15} {'MB read':>9} {'experts':>8} {'floor ms':>9} " + " ".join(f"{v:>18}" for v in variants))
+        print(
+            f"  {'step':>15} {'MB read':>9} {'experts':>8} {'floor ms':>9} " + " ".join(f"{v:>18}" for v in variants)
+        )
         for name in ("ar_step", "denoise_masked", "denoise_half", "extend_block"):
             row = entry[name]
             cells = [

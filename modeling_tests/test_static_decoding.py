@@ -6,7 +6,7 @@ import torch._dynamo
 from conftest import left_pad, tiny_model
 from transformers import CompileConfig
 
-from transformers_twotower.decoding_twotower import StaticSteps, context_step, decode_state, denoise_step
+from transformers_twotower.decoding_twotower import context_step, decode_state, denoise_step
 
 
 MODES = ["mask_diffusion", "mock_ar", "ar"]
