@@ -121,7 +121,7 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def step_bytes(model, tower, head, run, tokens: int, state, reads_context: int, writes_states: bool) -> dict:
+def step_bytes(tower, head, run, tokens: int, state, reads_context: int, writes_states: bool) -> dict:
     """What one call of `run` must read: the tower's weights (routed experts: the distinct ones selected; the
     embeddings: only the rows looked up), the head, the K/V of `reads_context` positions, the Mamba states."""
     log = RouterLog(tower)
@@ -229,7 +229,7 @@ def measure(model, batch_sizes, variants, prompt_length: int, repeats: int, band
             tower = model.context_tower if context_tower else model.denoiser_tower
             head = model.context_tower.lm_head if context_tower else model.lm_head
             reads = prompt_length + (tokens if context_tower else BLOCK)
-            entry[name] = step_bytes(model, tower, head, fn, tokens * batch, state, reads, context_tower)
+            entry[name] = step_bytes(tower, head, fn, tokens * batch, state, reads, context_tower)
             entry[name]["floor_ms"] = round(entry[name]["bytes"] / bandwidth * 1e3, 4)
         for variant in variants:
             began = time.perf_counter()
