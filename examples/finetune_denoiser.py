@@ -24,6 +24,7 @@ and the token-level agreement of diffusion's greedy output with AR's (`distill_r
 
 import argparse
 import functools
+import gc
 import json
 from pathlib import Path
 
@@ -230,10 +231,22 @@ def main(argv=None):
             report |= {"after": evaluate(model), "train_prompts": len(dataset), "max_steps": args.max_steps}
             (Path(args.output) / "distill_report.json").write_text(json.dumps(report, indent=2) + "\n")
             print(json.dumps(report, indent=2))
-    if torch.distributed.is_initialized():  # leave together: gloo aborts a process that exits with peers still up
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():
+        leave_process_group(trainer)
     return trainer
+
+
+def leave_process_group(trainer):
+    """Leave the process group together and in order. The DDP wrapper holds the group: if the last reference to it
+    goes with the trainer at exit, gloo's destructor joins its worker threads while this thread holds the GIL, and a
+    worker still releasing a tensor waits for the GIL: the process never exits (seen about once in ten runs of the
+    torchrun test). So the wrapper goes first, while the group is alive; then a barrier, so that no process exits with
+    a peer still up (gloo aborts it), then the group itself."""
+    trainer.accelerator.free_memory()
+    trainer.model_wrapped = trainer.model
+    gc.collect()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
