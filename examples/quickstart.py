@@ -34,7 +34,7 @@ with torch.no_grad():
             break
         t = masked.float().mean(-1)  # the fraction still masked
         logits = model.denoise_step(block, cache, t)  # (1, block_size, vocab)
-        prediction, confidence = predict_tokens(logits, config.mask_token_id)
+        prediction, confidence, _ = predict_tokens(logits, config.mask_token_id)
         commit = commit_mask(confidence, masked, step, block_size, threshold)
         block = torch.where(commit, prediction, block)
         print(f"step {step}: t={t.item():.2f} block={block[0].tolist()}")

@@ -76,8 +76,9 @@ def train_tokenizer(texts: list[str], vocab_size: int):
         single="<s> $A", pair="<s> $A <s> $B:1", special_tokens=[("<s>", bos)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", mask_token="<mask>"
-    )
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", mask_token="<mask>",
+        padding_side="left",  # a decoder-only model's batches are left-padded
+    )  # fmt: skip
 
 
 def pack(tokenizer, texts: list[str], length: int) -> torch.Tensor:

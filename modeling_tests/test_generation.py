@@ -272,7 +272,7 @@ def test_stopping_criteria_and_logits_processor_work(model):
     diffusion = model.generate(
         ids, max_new_tokens=12, eos_token_id=None, stopping_criteria=StoppingCriteriaList([StopAt(8)]), **DIFFUSION
     )
-    assert diffusion.shape == (1, 9), "diffusion stops at the end of the block that meets the criterion"
+    assert diffusion.shape == (1, 8), "diffusion stops inside the block, where the criterion is met"
     for mode in ("ar", "mock_ar"):
         forced = model.generate(
             ids,
@@ -292,9 +292,9 @@ def test_stopping_criteria_and_logits_processor_work(model):
         (dict(num_beams=2), "num_beams"),
         (dict(num_return_sequences=2), "num_return_sequences"),
         (dict(assistant_model=object()), "assistant_model"),
-        (dict(repetition_penalty=1.2), "repetition_penalty"),
-        (dict(output_scores=True), "output_scores"),
-        (dict(min_new_tokens=3), "min_new_tokens"),
+        (dict(no_repeat_ngram_size=2), "no_repeat_ngram_size"),  # mask diffusion: needs the tokens to its left
+        (dict(bad_words_ids=[[5, 6]]), "bad_words_ids"),
+        (dict(guidance_scale=2.0), "guidance_scale"),
         (dict(low_memory=True), "low_memory"),  # any field outside the allow-list, not only a listed few
         (dict(generation_mode="ar", step_callback=print), "step_callback"),
         (dict(use_cache=False), "use_cache"),

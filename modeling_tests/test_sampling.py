@@ -1,6 +1,7 @@
 """The commit rule and the prediction step on hand-made tensors, and the block loop on a mock model."""
 
 import torch
+from transformers import PretrainedConfig
 
 from transformers_twotower import TwoTowerGenerationMixin
 from transformers_twotower.generation_twotower import TwoTowerGenerationConfig
@@ -67,7 +68,7 @@ def test_rows_are_independent():
 
 def test_predict_never_returns_the_mask_and_measures_unscaled_confidence():
     logits = torch.tensor([[[0.0, 1.0, 2.0, 9.0], [3.0, 0.0, 0.0, 0.0]]])
-    pred, confidence = predict_tokens(logits, mask_token_id=3)
+    pred, confidence, _ = predict_tokens(logits, mask_token_id=3)
     assert pred.tolist() == [[2, 0]]
     without_mask = logits[..., :3].softmax(-1)
     torch.testing.assert_close(confidence, without_mask.max(-1).values)
@@ -76,7 +77,7 @@ def test_predict_never_returns_the_mask_and_measures_unscaled_confidence():
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
 
     warpers = LogitsProcessorList([TemperatureLogitsWarper(0.5), TopKLogitsWarper(1)])
-    sampled, sampled_confidence = predict_tokens(logits, 3, warpers, torch.Generator().manual_seed(0))
+    sampled, sampled_confidence, _ = predict_tokens(logits, 3, warpers, torch.Generator().manual_seed(0))
     assert sampled.tolist() == [[2, 0]]  # top-1 leaves one choice
     torch.testing.assert_close(sampled_confidence, confidence)  # measured on the unscaled distribution
 
@@ -86,6 +87,7 @@ class MockTwoTower(TwoTowerGenerationMixin):
 
     def __init__(self, vocab=16, seed=0):
         self.generation_config = TwoTowerGenerationConfig(mask_token_id=3, pad_token_id=0, eos_token_id=None)
+        self.config = PretrainedConfig(vocab_size=vocab)
         self.vocab = vocab
         self.generator = torch.Generator().manual_seed(seed)
         self.calls = []

@@ -3,14 +3,14 @@
 Data flows one way: prompt -> `prefill` (cache) -> block loop -> step loop -> committed tokens -> `extend_context`.
 """
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from transformers import CompileConfig, GenerationConfig, GenerationMixin, LogitsProcessorList, StoppingCriteriaList
-from transformers.generation import MaxTimeCriteria, StopStringCriteria
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation import logits_process
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
@@ -39,21 +39,47 @@ TWOTOWER_DEFAULTS = {
 }
 # A model's defaults on top of them: 128 new tokens, greedy.
 MODEL_DEFAULTS = {**TWOTOWER_DEFAULTS, "max_new_tokens": 128, "do_sample": False}
-# The GenerationConfig fields this `generate` reads. Any other field set to something other than its default raises,
-# instead of being ignored; `num_beams`, `num_return_sequences` and `use_cache` are checked on their own.
+# The GenerationConfig fields this `generate` reads (docs/generation.md, "Controls"). Any other field set to something
+# other than its default raises, instead of being ignored; `num_beams` and `use_cache` are checked on their own.
 SUPPORTED_FIELDS = frozenset(
     {
         *TWOTOWER_DEFAULTS,
-        # transformers' fields, with their usual meaning
-        "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
-        "pad_token_id", "bos_token_id", "return_dict_in_generate", "max_time", "stop_strings", "compile_config",
+        # lengths, special tokens, outputs
+        "max_new_tokens", "max_length", "min_new_tokens", "min_length", "eos_token_id", "pad_token_id",
+        "bos_token_id", "return_dict_in_generate", "output_scores", "output_logits", "num_return_sequences",
+        "compile_config",
+        # stopping
+        "max_time", "stop_strings",
+        # sampling (transformers' warpers)
+        "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h",
+        # transformers' logits processors
+        "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "sequence_bias", "suppress_tokens",
+        "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
+        "remove_invalid_values", "renormalize_logits", "watermarking_config",
         # bookkeeping
-        "transformers_version", "num_beams", "num_return_sequences", "use_cache",
+        "transformers_version", "num_beams", "use_cache",
     }
 )  # fmt: skip
 UNSUPPORTED_GENERATE_ARGUMENTS = (
-    "assistant_model", "assistant_tokenizer", "prefix_allowed_tokens_fn", "synced_gpus", "negative_prompt_ids",
-    "negative_prompt_attention_mask", "past_key_values", "inputs_embeds", "custom_generate",
+    "assistant_model", "assistant_tokenizer", "synced_gpus", "negative_prompt_ids", "negative_prompt_attention_mask",
+    "past_key_values", "inputs_embeds", "custom_generate",
+)  # fmt: skip
+# Mask diffusion applies a processor to every masked position of a block at once, which is only defined for those
+# acting on one position's distribution by itself (docs/generation.md, "Controls").
+POSITIONWISE_PROCESSORS = (
+    logits_process.RepetitionPenaltyLogitsProcessor, logits_process.SuppressTokensLogitsProcessor,
+    logits_process.SequenceBiasLogitsProcessor,  # single-token sequences only (checked): bad words, biases
+    logits_process.InfNanRemoveLogitsProcessor, logits_process.LogitNormalization,
+)  # fmt: skip
+WARPERS = (
+    logits_process.TemperatureLogitsWarper, logits_process.TopKLogitsWarper, logits_process.TopPLogitsWarper,
+    logits_process.MinPLogitsWarper, logits_process.TypicalLogitsWarper, logits_process.EpsilonLogitsWarper,
+    logits_process.EtaLogitsWarper, logits_process.TopHLogitsWarper,
+)  # fmt: skip
+# The controls that need the tokens to the left of a position, which mask diffusion has not decided yet.
+LEFT_CONTEXT_CONTROLS = (
+    "no_repeat_ngram_size", "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
+    "begin_suppress_tokens", "watermarking_config",
 )  # fmt: skip
 
 
@@ -159,12 +185,21 @@ class TwoTowerGenerationOutput(ModelOutput):
         modes, context-tower forwards in AR mode).
     tokens_per_forward: `(B,)` generated tokens (up to and including EOS) per forward.
     history: with `output_history=True` in diffusion mode, one [`DiffusionStep`] per denoiser step (without logits).
+    scores: with `output_scores=True`, one `(B, V)` tensor per generated position: the processed scores the token was
+        chosen from (in mask diffusion, at the step that committed it). As transformers' `scores`, so
+        `compute_transition_scores(sequences, scores)` works. After a row's end, 0 in mask diffusion.
+    logits: with `output_logits=True`, the same for the raw logits.
+    commit_steps: in mask diffusion with `output_scores` or `output_logits`, `(B, generated)`: the row's forward
+        (0-based) that committed each token, i.e. the order in which the tokens were revealed; -1 after a row's end.
     """
 
     sequences: torch.LongTensor | None = None
     nfe: torch.LongTensor | None = None
     tokens_per_forward: torch.FloatTensor | None = None
     history: tuple[DiffusionStep, ...] | None = None
+    scores: tuple[torch.FloatTensor, ...] | None = None
+    logits: tuple[torch.FloatTensor, ...] | None = None
+    commit_steps: torch.LongTensor | None = None
 
 
 class TwoTowerGenerationMixin(GenerationMixin):
@@ -185,6 +220,7 @@ class TwoTowerGenerationMixin(GenerationMixin):
         generation_config: TwoTowerGenerationConfig | None = None,
         logits_processor: LogitsProcessorList | None = None,
         stopping_criteria: StoppingCriteriaList | None = None,
+        prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None = None,
         streamer: BaseStreamer | None = None,
         attention_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
@@ -210,6 +246,10 @@ class TwoTowerGenerationMixin(GenerationMixin):
         Mock-AR decodes one token per denoiser forward (no time conditioning, the context one token behind); AR is
         the context tower alone with its cache.
 
+        Transformers' logits processors and stopping criteria work as in a stock model in the AR and Mock-AR modes; in
+        mask diffusion those acting on one position's distribution apply to every masked position, and stops are
+        checked on each row's committed prefix after every step (docs/generation.md, "Controls").
+
         Returns the token ids `(B, T + generated)`, or a [`TwoTowerGenerationOutput`] with
         `return_dict_in_generate=True`. `generator` seeds sampling. `step_callback` (mask diffusion) is called with a
         [`DiffusionStep`] after every denoiser step. `max_new_tokens` need not be a multiple of `block_size`: the last
@@ -218,49 +258,75 @@ class TwoTowerGenerationMixin(GenerationMixin):
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
         config, input_ids, attention_mask = self._prepare_generation(inputs, attention_mask, generation_config, kwargs)
-        stopping_criteria = self._prepare_stopping_criteria(config, stopping_criteria, tokenizer)
         if streamer is not None and input_ids.shape[0] != 1:
             raise ValueError(f"`streamer` supports batch size 1 only, got a batch of {input_ids.shape[0]}.")
-        result = self._generate(
-            input_ids, attention_mask, config, logits_processor, stopping_criteria, streamer, generator, step_callback
-        )
-        if streamer is not None:
-            streamer.end()
-        return result if config.return_dict_in_generate else result.sequences
-
-    def _generate(
-        self,
-        input_ids,
-        attention_mask,
-        config,
-        logits_processor,
-        stopping_criteria,
-        streamer,
-        generator,
-        step_callback,
-    ) -> "TwoTowerGenerationOutput":
+        processors = self._processors(config, input_ids, attention_mask, logits_processor, prefix_allowed_tokens_fn)
+        # EOS and the length are the row tracker's; the rest (stop strings, time, the caller's) as transformers builds
+        # them, checked after every committed token.
+        stops = self._get_stopping_criteria(
+            _without(config, max_length=None, _eos_token_tensor=None), StoppingCriteriaList(stopping_criteria or []),
+            tokenizer,
+        )  # fmt: skip
         if config.generation_mode == "mask_diffusion":
-            if logits_processor:
-                raise ValueError(
-                    "`logits_processor` is not supported in `mask_diffusion` mode: the positions of a block are "
-                    "predicted jointly, not as one next-token distribution. Use `temperature`/`top_k`/`top_p`."
-                )
             observers = [step_callback] if step_callback is not None else []
             history = [] if config.output_history else None
             if history is not None:
                 observers.append(lambda step: history.append(DiffusionStep(**{**step, "logits": None})))
             result = self._generate_mask_diffusion(
-                input_ids, attention_mask, config, stopping_criteria, streamer, generator, observers,
-                full_logits=step_callback is not None,
+                input_ids, attention_mask, config, processors, stops, streamer, generator, observers,
+                full_logits=step_callback is not None, custom_stops=bool(stopping_criteria),
             )  # fmt: skip
             result.history = tuple(history) if history is not None else None
         else:
             if step_callback is not None:
                 raise ValueError("`step_callback` is only available in `mask_diffusion` mode.")
             result = self._generate_autoregressive(
-                input_ids, attention_mask, config, logits_processor, stopping_criteria, streamer, generator
+                input_ids, attention_mask, config, processors, stops, streamer, generator
             )
-        return result
+        if streamer is not None:
+            streamer.end()
+        return result if config.return_dict_in_generate else result.sequences
+
+    def _processors(self, config, input_ids, attention_mask, logits_processor, prefix_allowed_tokens_fn):
+        """Transformers' logits processors for this config. AR and Mock-AR: one list, as a stock model applies it.
+        Mask diffusion: `(processors, warpers, min_new)`, the position-wise processors and the warpers apart (the
+        confidence is read between them), with `min_length` / `min_new_tokens` as the generated count before which
+        EOS is banned at a position; anything else is refused by name."""
+        model_kwargs = {"attention_mask": attention_mask}
+        if config.generation_mode != "mask_diffusion":
+            return self._get_logits_processor(
+                config, input_ids.shape[1], None, prefix_allowed_tokens_fn, LogitsProcessorList(logits_processor or []),
+                input_ids.device, model_kwargs,
+            )  # fmt: skip
+        why = "it needs the tokens to the left of a position, which mask diffusion decides in parallel"
+        refused = [name for name in LEFT_CONTEXT_CONTROLS if getattr(config, name, None) not in (None, 0, False)]
+        refused += ["bad_words_ids"] if any(len(w) > 1 for w in config.bad_words_ids or []) else []
+        refused += ["sequence_bias"] if any(len(w) > 1 for w in _sequence_bias_keys(config)) else []
+        refused += ["prefix_allowed_tokens_fn"] if prefix_allowed_tokens_fn is not None else []
+        if refused:
+            raise ValueError(
+                f"`{refused[0]}` is not supported in `mask_diffusion` mode: {why} (multi-token bad words and biases "
+                "likewise). Use `generation_mode='ar'` or `'mock_ar'` (docs/generation.md, 'Controls')."
+            )
+        if logits_processor:
+            raise ValueError(
+                "`logits_processor` is not supported in `mask_diffusion` mode: a custom processor expects one "
+                "next-token distribution after the whole sequence, while a block's positions are predicted together. "
+                "Use the generation config's controls, or `generation_mode='ar'`/`'mock_ar'`."
+            )
+        length = input_ids.shape[1]
+        min_new = max(config.min_new_tokens or 0, (config.min_length or 0) - length)
+        built = self._get_logits_processor(
+            _without(config, min_length=0, min_new_tokens=None), length, None, None, LogitsProcessorList(),
+            input_ids.device,
+            {"attention_mask": None if attention_mask is None else attention_mask.repeat_interleave(config.block_size, 0)},
+        )  # fmt: skip
+        processors = LogitsProcessorList(p for p in built if not isinstance(p, WARPERS))
+        warpers = LogitsProcessorList(p for p in built if isinstance(p, WARPERS))
+        for processor in processors:
+            if not isinstance(processor, POSITIONWISE_PROCESSORS):  # a guard: the checks above should have said why
+                raise ValueError(f"{type(processor).__name__} is not supported in `mask_diffusion` mode.")
+        return processors, (warpers if config.do_sample else None), min_new
 
     def generate_mask_diffusion(
         self,
@@ -399,6 +465,18 @@ class TwoTowerGenerationMixin(GenerationMixin):
         if config.pad_token_id is None:
             eos = self._eos_ids(config)
             config.pad_token_id = eos[0] if eos else self.config.pad_token_id
+        self._prepare_special_tokens(config, True, device=input_ids.device)
+        config.max_length = input_ids.shape[1] + config.max_new_tokens  # what transformers' processors read
+        limit = getattr(self.config, "max_position_embeddings", None)
+        if limit is not None and config.max_length > limit:
+            logger.warning_once(
+                f"The prompt ({input_ids.shape[1]} tokens) and `max_new_tokens` ({config.max_new_tokens}) reach "
+                f"{config.max_length} positions, beyond the model's `max_position_embeddings` ({limit}): quality may "
+                "degrade past it."
+            )
+        if (config.num_return_sequences or 1) > 1:  # as transformers expands the inputs
+            input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
+            attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
         return config, input_ids, attention_mask
 
     @staticmethod
@@ -407,9 +485,10 @@ class TwoTowerGenerationMixin(GenerationMixin):
             raise ValueError(
                 f"`num_beams` must be 1: TwoTower does not implement beam search (got {config.num_beams})."
             )
-        if (config.num_return_sequences or 1) > 1:
+        if (config.num_return_sequences or 1) > 1 and not config.do_sample:
             raise ValueError(
-                f"`num_return_sequences` must be 1 (got {config.num_return_sequences}); repeat the prompt instead."
+                f"`num_return_sequences` > 1 (got {config.num_return_sequences}) needs `do_sample=True`: greedy "
+                "decoding would return the same sequence each time."
             )
         defaults = config._get_default_generation_params()
         for name, value in vars(config).items():
@@ -451,31 +530,6 @@ class TwoTowerGenerationMixin(GenerationMixin):
         eos = config.eos_token_id
         return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
-    @staticmethod
-    def _prepare_stopping_criteria(config, stopping_criteria, tokenizer) -> StoppingCriteriaList:
-        criteria = StoppingCriteriaList(stopping_criteria or [])
-        if config.max_time is not None:
-            criteria.append(MaxTimeCriteria(config.max_time))
-        if config.stop_strings is not None:
-            if tokenizer is None:
-                raise ValueError("`stop_strings` needs the `tokenizer` argument of `generate`.")
-            criteria.append(StopStringCriteria(tokenizer, config.stop_strings))
-        return criteria
-
-    @staticmethod
-    def _warpers(config) -> LogitsProcessorList | None:
-        """Temperature / top-k / top-p as transformers' own warpers; None means greedy."""
-        if not config.do_sample:
-            return None
-        warpers = LogitsProcessorList()
-        if config.temperature is not None and config.temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(config.temperature))
-        if config.top_k is not None and config.top_k > 0:
-            warpers.append(TopKLogitsWarper(config.top_k))
-        if config.top_p is not None and config.top_p < 1.0:
-            warpers.append(TopPLogitsWarper(config.top_p))
-        return warpers
-
     # ----------------------------------------------------------------------------------------------------------------
     # Mask diffusion
 
@@ -496,21 +550,36 @@ class TwoTowerGenerationMixin(GenerationMixin):
         return _StateDecoder(StaticSteps(self, state, compile_config), cache.next_token_logits)
 
     def _generate_mask_diffusion(
-        self, input_ids, attention_mask, config, stopping_criteria, streamer, generator, observers, full_logits=False
-    ) -> TwoTowerGenerationOutput:
-        batch_size = input_ids.shape[0]
+        self, input_ids, attention_mask, config, processors, stops, streamer, generator, observers,
+        full_logits=False, custom_stops=False,
+    ) -> TwoTowerGenerationOutput:  # fmt: skip
+        batch_size, device = input_ids.shape[0], input_ids.device
         block_size, steps, mask_id = config.block_size, config.steps_per_block, config.mask_token_id
-        warpers = self._warpers(config)
-        eos = torch.tensor(self._eos_ids(config), dtype=torch.long, device=input_ids.device)
+        processors, warpers, min_new = processors
+        eos = torch.tensor(self._eos_ids(config), dtype=torch.long, device=device)
+        positions = torch.arange(block_size, device=device)
 
         tracker = _RowTracker(
             input_ids, config.max_new_tokens, config.pad_token_id, eos, config.keep_eos_block, streamer
         )
+        # Per generated position, the step's scores (custom stops receive them) and logits, and the commit order.
+        keep_scores = bool(config.output_scores or custom_stops)
+        record = None
+        if keep_scores or config.output_logits:
+            record = _CommitRecord(tracker, keep_scores, bool(config.output_logits), bool(config.output_scores))
         decoder = self._decoder(input_ids, attention_mask, config, keep_behind=False)  # only Mock-AR reads behind
         for block_idx in range(math.ceil(config.max_new_tokens / block_size)):
-            block = torch.full((batch_size, block_size), mask_id, dtype=torch.long, device=input_ids.device)
+            block = torch.full((batch_size, block_size), mask_id, dtype=torch.long, device=device)
             # Finished rows hold padding: nothing of theirs is masked, so they commit nothing and count no forward.
             block[tracker.finished] = config.pad_token_id
+            stop = _BlockStop(tracker, stops, block_size, mask_id, eos if not config.keep_eos_block else None)
+            banned = None
+            if min_new > tracker.generated_length and eos.numel():  # EOS is banned before the `min_new`-th token
+                early = (tracker.generated_length + positions) < min_new
+                banned = torch.zeros(1, block_size, self.config.vocab_size, dtype=torch.bool, device=device)
+                banned[0, early[:, None] & torch.isin(torch.arange(self.config.vocab_size, device=device), eos)] = True
+            if record is not None:
+                record.new_block(batch_size, block_size, self.config.vocab_size)
 
             for step in range(steps):
                 masked = block == mask_id
@@ -520,41 +589,45 @@ class TwoTowerGenerationMixin(GenerationMixin):
                     break
                 t = masked.float().mean(-1)  # each row's fraction still masked
                 # The head runs on masked positions only, unless a step callback wants every logit.
-                positions = None if full_logits else masked
-                logits = decoder.denoise(block, t, active, num_active, positions)
-                pred, confidence = predict_tokens(logits, mask_id, warpers, generator)
+                logits = decoder.denoise(block, t, active, num_active, None if full_logits else masked)
+                context = torch.cat([tracker.sequences, block], dim=-1) if processors or warpers else None
+                pred, confidence, scores = predict_tokens(
+                    logits, mask_id, warpers, generator, processors, context, banned
+                )
                 commit = commit_mask(confidence, masked, step, steps, config.confidence_threshold)
                 if observers:
-                    record = DiffusionStep(
+                    seen = DiffusionStep(
                         block=block_idx, step=step, tokens=block, t=t, logits=logits.clone(), committed=commit
                     )
                     for observe in observers:
-                        observe(record)
+                        observe(seen)
                 block = torch.where(commit, pred, block)
+                if record is not None:
+                    record.commit(commit, scores, logits)
                 tracker.nfe += active
+                block = stop.check(block, None if record is None else record.block_scores)
 
-            tracker.append(block)
-            tracker.stop_where(stopping_criteria(tracker.sequences, None))
+            tracker.append(block, stop.length, stop.stopped)
+            if record is not None:
+                record.end_block()
             if tracker.done:
                 break
             decoder.leave(tracker.finished)
             decoder.extend(block)  # the context tower reads the block once
-        return tracker.output()
+        return tracker.output(record)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Mock-AR and AR
 
     def _generate_autoregressive(
-        self, input_ids, attention_mask, config, logits_processor, stopping_criteria, streamer, generator
+        self, input_ids, attention_mask, config, processors, stops, streamer, generator
     ) -> TwoTowerGenerationOutput:
         mock_ar = config.generation_mode == "mock_ar"
-        processors = LogitsProcessorList(logits_processor or [])
-        warpers = self._warpers(config)
-        if warpers is not None:
-            processors.extend(warpers)
         eos = torch.tensor(self._eos_ids(config), dtype=torch.long, device=input_ids.device)
 
         tracker = _RowTracker(input_ids, config.max_new_tokens, config.pad_token_id, eos, False, streamer)
+        scores_seen = [] if config.output_scores else None
+        logits_seen = [] if config.output_logits else None
         decoder = self._decoder(input_ids, attention_mask, config, keep_behind=mock_ar)
         last = input_ids[:, -1:]
         while True:
@@ -562,19 +635,28 @@ class TwoTowerGenerationMixin(GenerationMixin):
                 logits = decoder.denoise_behind(last)
             else:
                 logits = decoder.next_token_logits
-            scores = processors(tracker.sequences, logits) if processors else logits
-            if warpers is None:
-                token = scores.argmax(-1)
-            else:
+            logits = logits.float()
+            scores = processors(tracker.sequences, logits.clone()) if processors else logits
+            if config.do_sample:
                 token = torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
+            else:
+                token = scores.argmax(-1)
+            if scores_seen is not None:
+                scores_seen.append(scores.clone())
+            if logits_seen is not None:
+                logits_seen.append(logits.clone())
             tracker.nfe += ~tracker.finished
             tracker.append(token[:, None])
-            tracker.stop_where(stopping_criteria(tracker.sequences, scores))
+            tracker.stop_where(stops(tracker.sequences, scores) if stops else False)
             if tracker.done:
                 break
             last = tracker.sequences[:, -1:]
             decoder.extend(last, keep_behind=mock_ar)
-        return tracker.output()
+        result = tracker.output()
+        kept = result.sequences.shape[1] - input_ids.shape[1]
+        result.scores = None if scores_seen is None else tuple(scores_seen[:kept])
+        result.logits = None if logits_seen is None else tuple(logits_seen[:kept])
+        return result
 
 
 class _CacheDecoder:
@@ -655,18 +737,32 @@ class _RowTracker:
         self.finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         self.nfe = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         self.num_generated = torch.zeros_like(self.nfe)  # real tokens per row, EOS included
+        self.last_real = None  # (B, n) which of the last appended tokens are real
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
     @property
-    def done(self) -> bool:
-        return bool(self.finished.all()) or self.sequences.shape[1] - self.prompt_length >= self.max_new_tokens
+    def generated_length(self) -> int:
+        return self.sequences.shape[1] - self.prompt_length
 
-    def append(self, tokens: torch.LongTensor):
-        """Commit `(B, n)` tokens: trim past `max_new_tokens`, pad finished rows, end rows at their first EOS."""
-        room = self.max_new_tokens - (self.sequences.shape[1] - self.prompt_length)
-        tokens = tokens[:, :room].clone()
+    @property
+    def room(self) -> int:
+        return self.max_new_tokens - self.generated_length
+
+    @property
+    def done(self) -> bool:
+        return bool(self.finished.all()) or self.room <= 0
+
+    def append(
+        self, tokens: torch.LongTensor, length: torch.Tensor | None = None, stopped: torch.Tensor | None = None
+    ):
+        """Commit `(B, n)` tokens: trim past `max_new_tokens`, pad finished rows, end rows at their first EOS, and
+        rows `stopped` inside these tokens after their first `length`."""
+        tokens = tokens[:, : self.room].clone()
         real = ~self.finished[:, None].expand_as(tokens)
+        if length is not None:
+            real = real & (torch.arange(tokens.shape[1], device=tokens.device) < length[:, None])
+            self.finished |= stopped
         if self.eos.numel():
             is_eos = torch.isin(tokens, self.eos) & real
             after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
@@ -676,6 +772,7 @@ class _RowTracker:
         tokens[~real] = self.pad_token_id
         self.num_generated += real.sum(-1)
         self.sequences = torch.cat([self.sequences, tokens], dim=-1)
+        self.last_real = real
         if self.streamer is not None:
             self.streamer.put(tokens[0][real[0]].cpu())
 
@@ -683,18 +780,112 @@ class _RowTracker:
         if isinstance(rows, torch.Tensor) and rows.numel():
             self.finished |= rows.to(self.finished.device)
 
-    def output(self) -> TwoTowerGenerationOutput:
+    def output(self, record: "_CommitRecord | None" = None) -> TwoTowerGenerationOutput:
         # Trailing columns that hold only padding of finished rows are dropped, as transformers' generate stops
         # where the last row stops (a lone row ends on its EOS).
         generated = self.sequences[:, self.prompt_length :]
         keep = int(self.num_generated.max()) if self.finished.all() else generated.shape[1]
         sequences = self.sequences[:, : self.prompt_length + keep]
         tokens_per_forward = self.num_generated.float() / self.nfe.clamp_min(1).float()
-        return TwoTowerGenerationOutput(
-            sequences=sequences,
-            nfe=self.nfe,
-            tokens_per_forward=tokens_per_forward,
+        output = TwoTowerGenerationOutput(sequences=sequences, nfe=self.nfe, tokens_per_forward=tokens_per_forward)
+        if record is not None:
+            output.scores, output.logits, output.commit_steps = record.output(keep)
+        return output
+
+
+class _BlockStop:
+    """Stopping inside a block of mask diffusion. After every step, each row's committed prefix (its tokens up to the
+    first one still masked) is checked: for EOS (transformers' rule; not with `keep_eos_block`) and by the stopping
+    criteria, once per prefix length, as AR checks them once per token. A row that meets one keeps its block up to
+    and including the stop; the rest becomes padding at once, so the row is not computed again."""
+
+    def __init__(self, tracker: _RowTracker, stops: StoppingCriteriaList, block_size: int, mask_id: int, eos):
+        device = tracker.sequences.device
+        self.tracker, self.stops, self.mask_id, self.eos = tracker, stops, mask_id, eos
+        self.room = min(block_size, tracker.room)
+        self.positions = torch.arange(block_size, device=device)
+        self.length = torch.full((tracker.sequences.shape[0],), block_size, dtype=torch.long, device=device)
+        self.stopped = torch.zeros_like(tracker.finished)
+        self.checked = torch.zeros_like(self.length)  # prefix lengths already given to the criteria
+
+    def check(self, block: torch.LongTensor, scores: torch.Tensor | None) -> torch.LongTensor:
+        prefix = (block != self.mask_id).long().cumprod(-1).sum(-1).clamp(max=self.room)
+        live = ~self.tracker.finished
+        if self.eos is not None and self.eos.numel():
+            is_eos = torch.isin(block, self.eos) & (self.positions < prefix[:, None]) & live[:, None]
+            found = is_eos.any(-1)
+            self._stop(found, is_eos.long().argmax(-1) + 1)
+        if self.stops:
+            for p in range(int(self.checked.min()) + 1, int(prefix.max()) + 1):
+                rows = live & (prefix >= p) & (self.checked < p) & (self.length >= p) & ~self.stopped
+                if not bool(rows.any()):
+                    continue
+                # The criteria see the rows whose prefix reached `p` (never a mask token), as a batch of their own.
+                which = rows.nonzero()[:, 0]
+                ids = torch.cat([self.tracker.sequences[which], block[which, :p]], dim=-1)
+                hit = torch.zeros_like(rows)
+                hit[which] = torch.as_tensor(
+                    self.stops(ids, None if scores is None else scores[which, p - 1]), device=rows.device
+                )
+                self._stop(hit, p)
+            self.checked = torch.maximum(self.checked, prefix)
+        return block.masked_fill(self.positions >= self.length[:, None], self.tracker.pad_token_id)
+
+    def _stop(self, rows: torch.Tensor, length):
+        self.length = torch.where(rows, torch.minimum(self.length, torch.as_tensor(length)), self.length)
+        self.stopped |= rows
+
+
+class _CommitRecord:
+    """Mask diffusion's per-token outputs: for each generated position, the processed scores and the raw logits of
+    the step that committed it, and the row's forward index then (the commit order)."""
+
+    def __init__(self, tracker: _RowTracker, keep_scores: bool, keep_logits: bool, output_scores: bool):
+        self.tracker, self.keep_scores, self.keep_logits = tracker, keep_scores, keep_logits
+        self.output_scores = output_scores
+        self.scores, self.logits, self.steps = [], [], []
+
+    def new_block(self, batch_size: int, block_size: int, vocab_size: int):
+        device = self.tracker.sequences.device
+        new = lambda keep: torch.zeros(batch_size, block_size, vocab_size, device=device) if keep else None  # noqa: E731
+        self.block_scores, self.block_logits = new(self.keep_scores), new(self.keep_logits)
+        self.block_steps = torch.full((batch_size, block_size), -1, dtype=torch.long, device=device)
+
+    def commit(self, commit: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor):
+        if self.block_scores is not None:
+            self.block_scores = torch.where(commit[..., None], scores, self.block_scores)
+        if self.block_logits is not None:
+            self.block_logits = torch.where(commit[..., None], logits.float(), self.block_logits)
+        self.block_steps = torch.where(commit, self.tracker.nfe[:, None], self.block_steps)
+
+    def end_block(self):
+        real = self.tracker.last_real  # (B, n): the tokens the tracker kept of this block
+        width = real.shape[1]
+        self.steps.append(self.block_steps[:, :width].masked_fill(~real, -1))
+        for kept, block in ((self.scores, self.block_scores), (self.logits, self.block_logits)):
+            if block is not None:
+                kept.append(block[:, :width].masked_fill(~real[..., None], 0.0))
+
+    def output(self, keep: int):
+        as_tuple = lambda kept: tuple(torch.cat(kept, 1)[:, :keep].unbind(1)) if kept else None  # noqa: E731
+        return (
+            as_tuple(self.scores) if self.output_scores else None,
+            as_tuple(self.logits),
+            torch.cat(self.steps, 1)[:, :keep],
         )
+
+
+def _without(config: GenerationConfig, **values) -> GenerationConfig:
+    """A shallow copy of `config` with some attributes replaced (transformers' helpers read it; ours stays intact)."""
+    config = copy.copy(config)
+    for name, value in values.items():
+        setattr(config, name, value)
+    return config
+
+
+def _sequence_bias_keys(config) -> list:
+    bias = config.sequence_bias or {}
+    return list(bias) if isinstance(bias, dict) else [entry[0] for entry in bias]
 
 
 __all__ = ["DiffusionStep", "TwoTowerGenerationConfig", "TwoTowerGenerationMixin", "TwoTowerGenerationOutput"]

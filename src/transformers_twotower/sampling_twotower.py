@@ -14,27 +14,41 @@ def predict_tokens(
     mask_token_id: int,
     warpers: LogitsProcessorList | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    processors: LogitsProcessorList | None = None,
+    input_ids: torch.LongTensor | None = None,
+    banned: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Predict a token at every position of a noisy block and how confident the model is in it.
 
-    logits: (B, L, V) raw denoiser logits. The mask token is never predicted. Without `warpers` the prediction is the
-    argmax (greedy). With `warpers` (temperature, top-k, top-p), it is a Gumbel-max sample from the warped
-    distribution. Either way the confidence is the *unscaled* probability `p(pred)`, as the release measures it.
-    Returns `(pred (B, L) long, confidence (B, L) fp32)`.
+    logits: (B, L, V) raw denoiser logits. The mask token is never predicted, nor a token `banned` (B, L, V) bool at a
+    position. `processors` act on each position's distribution on its own (penalties, bans; see
+    `positionwise_processors`); each position sees `input_ids` (B, N), the row's context and the block as it stands.
+    The confidence is the probability of the prediction under the processed distribution, before any warper. Without
+    `warpers` the prediction is its argmax (greedy). With `warpers` (temperature, top-k, top-p, ...), it is a
+    Gumbel-max sample from the warped distribution: the release measures the confidence unscaled.
+    Returns `(pred (B, L) long, confidence (B, L) fp32, scores (B, L, V) fp32)`, the scores as sampling saw them.
     """
+    batch, length, vocab = logits.shape
     logits = logits.float().clone()
     logits[..., mask_token_id] = float("-inf")
-    log_probs = torch.log_softmax(logits, dim=-1)  # log p(x0 | x_t)
+    per_position = None
+    if processors or warpers:  # every position sees its row's tokens
+        per_position = input_ids.repeat_interleave(length, dim=0) if input_ids is not None else None
+    if processors:
+        logits = processors(per_position, logits.view(batch * length, vocab)).view(batch, length, vocab)
+    if banned is not None:
+        logits = logits.masked_fill(banned, float("-inf"))
+    log_probs = torch.log_softmax(logits, dim=-1)  # log p(x0 | x_t), processed
     if warpers is None:
+        scores = logits
         pred = log_probs.argmax(-1)
     else:
-        batch, length, vocab = log_probs.shape
-        scores = warpers(None, log_probs.view(batch * length, vocab)).view(batch, length, vocab)
+        scores = warpers(per_position, log_probs.view(batch * length, vocab)).view(batch, length, vocab)
         uniform = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=scores.dtype)
         gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(scores.dtype).tiny)))
         pred = (scores + gumbel).argmax(-1)
     confidence = log_probs.gather(-1, pred[..., None])[..., 0].exp()
-    return pred, confidence
+    return pred, confidence, scores
 
 
 def num_to_commit(
