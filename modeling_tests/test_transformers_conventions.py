@@ -331,3 +331,45 @@ def test_torch_compile_gives_the_same_loss_gradients_and_denoiser_steps():
     eager = model.denoise_step(block, cache, t)
     model.denoiser_tower.compile(backend="aot_eager")
     torch.testing.assert_close(model.denoise_step(block, cache, t), eager, rtol=1e-5, atol=1e-5)
+
+
+# --- what transformers' common model tests found ---------------------------------------------------------------------
+
+
+def test_from_pretrained_with_a_state_dict_and_no_folder():
+    model = tiny_model(seed=0)
+    loaded = TwoTowerForDiffusionLM.from_pretrained(None, config=model.config, state_dict=model.state_dict())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_forward_refuses_tensor_keywords_by_name_and_accepts_nemotron_h_ones():
+    model = tiny_model(seed=0)
+    ids = torch.randint(4, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="shift_labels"):
+        model(ids, shift_labels=ids)
+    full = model(ids).logits
+    torch.testing.assert_close(model(ids, logits_to_keep=3, use_cache=True).logits, full[:, -3:])
+    torch.testing.assert_close(model(ids, logits_to_keep=torch.tensor([0, 5])).logits, full[:, [0, 5]])
+
+
+def test_log_likelihood_is_the_stock_models():
+    model = tiny_model(seed=0)
+    stock = nemotron_h_from_context_tower(model)
+    ids = torch.randint(4, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    expected = -torch.nn.functional.cross_entropy(
+        stock(ids).logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
+    ).view(2, 8)
+    torch.testing.assert_close(model.log_likelihood(ids), expected, rtol=1e-5, atol=1e-5)
+    # Left padding counts nothing, and does not change the text's likelihood.
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids[:1]], dim=1)
+    mask = (torch.arange(12) >= 3).long()[None]
+    scores = model.log_likelihood(padded, attention_mask=mask)
+    assert torch.equal(scores[0, :3], torch.zeros(3))
+    torch.testing.assert_close(scores[0, 3:], expected[0], rtol=1e-4, atol=1e-4)
+
+
+def test_both_heads_have_a_tensor_parallel_plan():
+    model = tiny_model(seed=0)
+    heads = {name for name, module in model.named_modules() if name.endswith("lm_head")}
+    assert heads == {"lm_head", "context_tower.lm_head"} and heads <= set(model._tp_plan)

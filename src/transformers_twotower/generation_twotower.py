@@ -390,6 +390,8 @@ class TwoTowerGenerationMixin(GenerationMixin):
         if generation_config is not None:
             self.generation_config = TwoTowerGenerationConfig.from_dict(generation_config.to_dict())
             return
+        if pretrained_model_name_or_path is None:  # weights given as a `state_dict`: no folder to read
+            return
         hub_kwargs = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
         try:
             self.generation_config = TwoTowerGenerationConfig.from_pretrained(

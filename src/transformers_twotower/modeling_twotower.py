@@ -77,6 +77,8 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
     generation_config_class = TwoTowerGenerationConfig
     # With `tie_word_embeddings`, each head is tied to its own tower's embeddings (the context tower ties its own).
     _tied_weights_keys = {"lm_head.weight": "denoiser_tower.embeddings.weight"}
+    # Tensor parallelism for both heads, as transformers' causal LMs shard theirs (the towers have no plan yet).
+    _tp_plan = {"lm_head": "colwise_gather_output", "context_tower.lm_head": "colwise_gather_output"}
     # The loss averages over the masked tokens itself (not over labels): Trainer must not renormalise it with its
     # label count (`num_items_in_batch`), only average it over gradient-accumulation steps and processes.
     accepts_loss_kwargs = False
@@ -270,15 +272,21 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         noise_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         output_hidden_states: bool | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Without `labels`: the context tower's next-token logits `(B, T, V)`, fp32 (no gradient).
-        With `labels`: the masked-diffusion `loss` and the denoiser's logits (see `diffusion_loss`).
+        With `labels`: the masked-diffusion `loss` and the denoiser's logits (see `diffusion_loss`); it draws its noise
+        from `generator` (or pass `noise_mask`), so it is reproducible with a seeded generator. For the exact
+        autoregressive log-likelihood of a text, use `log_likelihood`.
 
         `output_hidden_states` returns the hidden states of the tower that made the logits (the embeddings, then every
-        layer; the last one before `norm_f`). `return_dict=False` returns a tuple.
+        layer; the last one before `norm_f`). `logits_to_keep` keeps the last `n` positions' logits (0: all) or the
+        positions a 1-D tensor names, as in Nemotron-H. `use_cache` is accepted and returns no cache: `generate`
+        keeps its own (`prefill`). `return_dict=False` returns a tuple.
         """
-        ignored = sorted(name for name, value in kwargs.items() if value not in (None, False))
+        ignored = sorted(name for name, value in kwargs.items() if value is not None and value is not False)
         if ignored:
             raise ValueError(f"TwoTower's `forward` does not support {ignored}.")
         if output_hidden_states is None:
@@ -292,8 +300,23 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
             outputs = self.context_tower(
                 input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states
             )
-            logits = self.context_tower.next_token_logits(outputs.last_hidden_state)
+            hidden = outputs.last_hidden_state
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.context_tower.next_token_logits(hidden[:, keep])
         return CausalLMOutputWithPast(logits=logits, hidden_states=outputs.hidden_states)
+
+    @torch.no_grad()
+    def log_likelihood(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The exact autoregressive log-likelihood of each token under the context tower (the frozen backbone):
+        `(B, T - 1)` fp32, entry `t` is `log p(input_ids[:, t + 1] | input_ids[:, : t + 1])`; 0 where position `t`
+        is left padding (the first real token has no context).
+        Sum a row for the log-likelihood of its text given its first token (evaluation builds on it; the diffusion
+        loss of `forward(labels=...)` is a bound on another quantity and changes with the noise drawn)."""
+        logits = self(input_ids, attention_mask=attention_mask).logits[:, :-1]
+        log_probs = logits.log_softmax(-1).gather(-1, input_ids[:, 1:, None])[..., 0]
+        if attention_mask is not None:
+            log_probs = log_probs.masked_fill(attention_mask[:, :-1] == 0, 0.0)  # no real context yet
+        return log_probs
 
 
 TwoTowerForDiffusionLM.register_for_auto_class("AutoModelForCausalLM")
