@@ -49,6 +49,29 @@ def test_clear_errors(model_dir, tmp_path, capsys):
     )
 
 
+@pytest.mark.parametrize("flag", ["--block-size", "--steps", "--max-new-tokens", "--max-length"])
+def test_a_bad_count_is_one_line_naming_its_flag(model_dir, capsys, flag):
+    with pytest.raises(SystemExit):
+        main(["generate", "w5", "--model", str(model_dir), flag, "0"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}: must be an integer >= 1, got 0" in error
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_broken_checkpoint_is_one_line(model_dir, tmp_path, damage):
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    weights = next(folder.glob("*.safetensors"))
+    if damage == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as raised:
+        main(["generate", "w5", "--model", str(folder)])
+    message = str(raised.value)
+    assert message.startswith(f"error: cannot load the model in {folder}: ") and "\n" not in message
+
+
 def test_bench_synthetic_small(capsys, monkeypatch):
     """The GPU benchmark's path at a small width on the CPU: the four steps timed eager and compiled, what each must
     read counted by hand (an AR step at batch 1 selects exactly top-k experts per MoE layer), floors and speedups."""

@@ -49,9 +49,21 @@ def load(model_dir: str | Path, device: str, dtype: str):
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # this package is the code
-    model = TwoTowerForDiffusionLM.from_pretrained(folder, dtype=torch_dtype).to(device).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # this package is the code
+        model = TwoTowerForDiffusionLM.from_pretrained(folder, dtype=torch_dtype).to(device).eval()
+    except Exception as error:  # a missing or broken file: one line that names the folder and the cause
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SystemExit(f"error: cannot load the model in {folder}: {cause}") from None
     return tokenizer, model
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse turns the ValueError into a one-line error naming the option)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
 
 
 def generate(args) -> int:
@@ -109,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--model", default=str(DEMO_MODEL), help="a TwoTower folder (default: the bundled demo)")
     gen.add_argument("--mode", choices=MODES, default="mask_diffusion")
     gen.add_argument("--threshold", type=float, default=0.8, help="confidence threshold (mask diffusion)")
-    gen.add_argument("--block-size", type=int, default=16)
-    gen.add_argument("--steps", type=int, default=16, help="denoiser steps per block at most")
+    gen.add_argument("--block-size", type=positive_int, default=16)
+    gen.add_argument("--steps", type=positive_int, default=16, help="denoiser steps per block at most")
     lengths = gen.add_mutually_exclusive_group()
-    lengths.add_argument("--max-new-tokens", type=int, default=128)
-    lengths.add_argument("--max-length", type=int, help="prompt + generated tokens (instead of --max-new-tokens)")
+    lengths.add_argument("--max-new-tokens", type=positive_int, default=128)
+    lengths.add_argument(
+        "--max-length", type=positive_int, help="prompt + generated tokens (instead of --max-new-tokens)"
+    )
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     args = parser.parse_args(argv)
