@@ -33,7 +33,8 @@ from checkpoint_io import (
     write_model_files,
 )
 
-from transformers_twotower import TwoTowerConfig
+from transformers_twotower import TwoTowerConfig, TwoTowerGenerationConfig
+from transformers_twotower.card_twotower import model_card as package_model_card
 
 
 BACKBONE = re.compile(r"^(?:backbone|model)\.(?P<rest>.+)$")
@@ -94,23 +95,17 @@ def convert_nemotron_h_to_twotower(
 
 def untrained_card(config: TwoTowerConfig, source: Path) -> str:
     parameters = sum(math.prod(shape) for shape, _ in saved_tensor_shapes(config).values())
-    return f"""---
-library_name: transformers
-pipeline_tag: text-generation
-tags:
-  - twotower
-  - diffusion
-  - nemotron-h
----
-
-# TwoTower initialised from `{source.name}` (denoiser not trained)
-
-Made by `conversion/convert_nemotron_h_to_twotower.py` of `transformers-twotower`: both towers are copies of the
-Nemotron-H backbone ({parameters / 1e9:.2f}B parameters in all) and the time conditioning starts as the identity. Train
-the denoiser with `model(input_ids, labels=labels).loss` (block-wise masked diffusion, block {config.block_size}, mask
-id {config.mask_token_id}) before generating with `generation_mode="mask_diffusion"`. `generation_mode="ar"` gives the
-backbone's own generations. The license is the source checkpoint's.
-"""
+    description = f"""Made by `conversion/convert_nemotron_h_to_twotower.py` of `transformers-twotower`: both towers are
+copies of the Nemotron-H backbone ({parameters / 1e9:.2f}B parameters in all) and the time conditioning starts as the
+identity. **The denoiser is not trained**: train it with `model(input_ids, labels=labels).loss` (block-wise masked
+diffusion, block {config.block_size}, mask id {config.mask_token_id}) before generating with
+`generation_mode="mask_diffusion"`. `generation_mode="ar"` gives the backbone's own generations. The license is the
+source checkpoint's."""
+    card = package_model_card(
+        config, TwoTowerGenerationConfig.from_model_config(config),
+        title=f"TwoTower initialised from `{source.name}` (denoiser not trained)", description=description,
+    )  # fmt: skip
+    return str(card)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,58 +39,16 @@ from checkpoint_io import (
 )
 from transformers import NemotronHConfig
 
-from transformers_twotower import TwoTowerConfig
+from transformers_twotower import TwoTowerConfig, TwoTowerGenerationConfig
+from transformers_twotower.card_twotower import model_card as package_model_card
 
 
 def model_card(config: TwoTowerConfig, source: str) -> str:
-    return f"""---
-license: other
-license_name: nvidia-open-model-license
-license_link: https://www.nvidia.com/en-us/agreements/enterprise-software/nvidia-open-model-license/
-library_name: transformers
-pipeline_tag: text-generation
-base_model: nvidia/Nemotron-Labs-TwoTower-30B-A3B-Base-BF16
-tags:
-  - twotower
-  - diffusion
-  - nemotron-h
-  - mamba2
-  - mixture-of-experts
----
-
-# Nemotron-Labs-TwoTower (transformers-twotower layout)
-
-Converted from `{source}` by `conversion/convert_nvidia_twotower.py` of the `transformers-twotower` package, which
-runs TwoTower through the Hugging Face Transformers API.
-
-TwoTower is a block-wise mask-diffusion language model made of two copies of the Nemotron-H hybrid backbone
-(Mamba-2 + attention + mixture-of-experts; pattern `{config.hybrid_override_pattern}`). A frozen autoregressive
-*context tower* reads the prompt and every committed token; a trained *denoiser tower* fills blocks of
-{config.block_size} masked tokens (mask id {config.mask_token_id}) in a few parallel steps, attending layer by layer
-to the context tower's K/V and starting its Mamba scans from the context tower's states.
-
-## Use
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype="auto", device_map="auto")
-tokenizer = AutoTokenizer.from_pretrained(path)
-inputs = tokenizer(["The capital of France is"], return_tensors="pt").to(model.device)
-out = model.generate(**inputs, max_new_tokens=128)              # mask diffusion, block 16, threshold 0.8
-out = model.generate(**inputs, generation_mode="ar")            # the autoregressive baseline (context tower alone)
-```
-
-Or with the package installed (`pip install transformers-twotower`), `TwoTowerForDiffusionLM.from_pretrained(path)`.
-
-## Generation modes
-
-- `mask_diffusion` (default): blocks of {config.block_size} tokens, up to 16 denoiser steps per block, committing
-  every position whose confidence exceeds 0.8 (at least one per step).
-- `mock_ar`: the denoiser decoding one token at a time.
-- `ar`: the context tower alone, i.e. the original Nemotron-3-Nano backbone.
-
-## Published figures
+    description = (
+        f"Converted from `{source}` by `conversion/convert_nvidia_twotower.py` of the `transformers-twotower` package, "
+        "which runs TwoTower through the Hugging Face Transformers API."
+    )
+    extra = """## Published figures
 
 From NVIDIA's release of Nemotron-Labs-TwoTower (model card and paper): the denoiser keeps 98.7% of the AR baseline's
 aggregate benchmark quality at 2.42x its wall-clock generation throughput (block 16, threshold 0.8, bf16 on 2xH100),
@@ -99,8 +57,16 @@ HumanEval 79.27 -> 75.58, ARC-C 91.72 -> 92.66.
 
 ## License
 
-NVIDIA Open Model License, as the original release.
-"""
+NVIDIA Open Model License, as the original release."""
+    card = package_model_card(
+        config, TwoTowerGenerationConfig.from_model_config(config),
+        title="Nemotron-Labs-TwoTower (transformers-twotower layout)", description=description,
+        base_model="nvidia/Nemotron-Labs-TwoTower-30B-A3B-Base-BF16", license="other",
+        license_name="nvidia-open-model-license",
+        license_link="https://www.nvidia.com/en-us/agreements/enterprise-software/nvidia-open-model-license/",
+        extra=extra,
+    )  # fmt: skip
+    return str(card)
 
 
 def copy_checkpoint(input_dir, output_dir, dtype: str, max_shard_size: str | int, overwrite: bool, write_files):

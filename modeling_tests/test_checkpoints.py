@@ -69,6 +69,7 @@ def saved(release_copy, tmp_path_factory) -> Path:
 
 PACKAGE_CODE = {
     "backbone_twotower.py",
+    "card_twotower.py",
     "configuration_twotower.py",
     "context_twotower.py",
     "decoding_twotower.py",
@@ -152,6 +153,26 @@ def test_converted_folder_layout(converted):
     assert tensors["context_tower.layers.1.mixer.experts.7.up_proj.weight"].shape == (32, 64)  # one per expert
     assert tensors["context_tower.layers.1.mixer.experts.7.up_proj.weight"].dtype == torch.bfloat16  # auto keeps bf16
     assert tensors["context_tower.layers.1.mixer.gate.e_score_correction_bias"].dtype == torch.float32
+
+
+def test_save_pretrained_writes_a_hub_model_card_and_keeps_one_written_before(saved, converted, tmp_path):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(saved / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert "twotower" in card.data.tags and card.data.base_model is None  # nothing known about a plain save
+    assert "trust_remote_code=True" in card.text and "| `confidence_threshold` | 0.8 |" in card.text
+    assert all(f"- `{mode}`" in card.text for mode in ("mask_diffusion", "mock_ar", "ar"))
+    # The conversion's card (its base model and license) is the same function's, and a later save keeps it.
+    release = ModelCard.load(converted / "README.md")
+    assert (
+        release.data.base_model == "nvidia/Nemotron-Labs-TwoTower-30B-A3B-Base-BF16"
+        and release.data.license == "other"
+    )
+    folder = tmp_path / "resaved"
+    shutil.copytree(converted, folder)
+    TwoTowerForDiffusionLM.from_pretrained(folder).save_pretrained(folder)
+    assert ModelCard.load(folder / "README.md").data.base_model == release.data.base_model
 
 
 def test_release_to_package_to_release_is_bit_identical(converted, tmp_path):

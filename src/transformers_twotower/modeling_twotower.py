@@ -9,6 +9,8 @@
 plus checkpoint loading in the release's layout, the masked-diffusion training loss, and `forward`.
 """
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import can_return_tuple, logging
 
 from .backbone_twotower import TwoTowerPreTrainedModel
+from .card_twotower import model_card
 from .configuration_twotower import TwoTowerConfig
 from .context_twotower import TwoTowerCache, TwoTowerContextTower
 from .denoiser_twotower import TwoTowerDenoiser
@@ -94,6 +97,14 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
 
     # ----------------------------------------------------------------------------------------------------------------
     # Module plumbing
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`, plus a Hub model card (`README.md`, see `card_twotower.model_card`) when
+        the folder has none: a card written by hand or by a conversion script is kept."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        card = Path(save_directory) / "README.md"
+        if kwargs.get("is_main_process", True) and not card.exists():
+            model_card(self.config, self.generation_config).save(card)
 
     def freeze_context_tower(self):
         self.context_tower.requires_grad_(False)
