@@ -305,6 +305,55 @@ def demo_step_costs(model, args) -> int:
     return 0
 
 
+def distinct_2(rows: torch.Tensor) -> float:
+    """The mean over rows of distinct bigrams / bigrams in the generated tokens (1.0: no bigram repeats; loops lower
+    it)."""
+    fractions = [len(set(zip(row[:-1], row[1:]))) / max(1, len(row) - 1) for row in rows.tolist()]
+    return sum(fractions) / len(fractions)
+
+
+def demo_quality(model, prompts: torch.Tensor, args) -> int:
+    """Degenerate loops against `repetition_penalty`: greedy mask diffusion with the demo's generation config on the
+    held-out prompts, 64 new tokens, for each penalty; distinct-2 of the output and its agreement with greedy AR
+    (whose own distinct-2 is the reference), stored in benchmarks/results/demo_quality_<device>.json."""
+    new_tokens, batch = 64, 8
+
+    def run(**options):  # generated tokens (N, 64) and denoiser forwards per generated token
+        tokens, forwards = [], 0
+        for i in range(0, len(prompts), batch):
+            out = model.generate(
+                prompts[i : i + batch].to(args.device), max_new_tokens=new_tokens, eos_token_id=None,
+                return_dict_in_generate=True, **options,
+            )  # fmt: skip
+            tokens.append(out.sequences[:, -new_tokens:].cpu())
+            forwards += int(out.nfe.sum())
+        tokens = torch.cat(tokens)
+        return tokens, tokens.numel() / forwards
+
+    ar, _ = run(generation_mode="ar", repetition_penalty=1.0)
+    rows = [dict(mode="ar", repetition_penalty=1.0, distinct_2=round(distinct_2(ar), 4), agreement_with_ar=1.0,
+                 tokens_per_forward=1.0)]  # fmt: skip
+    for penalty in args.penalties:
+        diffusion, per_forward = run(repetition_penalty=penalty)
+        rows.append({
+            "mode": "mask_diffusion", "repetition_penalty": penalty, "distinct_2": round(distinct_2(diffusion), 4),
+            "agreement_with_ar": round((diffusion == ar).float().mean().item(), 4),
+            "tokens_per_forward": round(per_forward, 3),
+        })  # fmt: skip
+    for row in rows:
+        print(f"{row['mode']:>15} penalty {row['repetition_penalty']:<5} distinct-2 {row['distinct_2']:.3f}  "
+              f"agreement with AR {row['agreement_with_ar']:.3f}  tokens/forward {row['tokens_per_forward']:.2f}")  # fmt: skip
+    output = ROOT / f"benchmarks/results/demo_quality_{args.device.split(':')[0]}.json"
+    setting = {
+        "prompts": len(prompts),
+        "new_tokens": new_tokens,
+        "threshold": model.generation_config.confidence_threshold,
+    }
+    output.write_text(json.dumps({**setting, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m transformers_twotower bench", description=__doc__.split("\n\n")[0]
@@ -321,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-costs", action="store_true", help="time one denoiser step, AR step, extension")
     parser.add_argument("--label", default="after", help="--step-costs: the key the figures are stored under")
     parser.add_argument("--compile", action="store_true", help="--step-costs: also the compiled steps")
+    parser.add_argument("--quality", action="store_true", help="distinct-2 and agreement with AR per --penalties")
+    parser.add_argument("--penalties", type=float, nargs="+", default=[1.0, 1.1, 1.2, 1.3])
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -343,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.step_costs:
         return demo_step_costs(model, args)
     prompts, truth = held_out_windows(tokenizer, held_out, args.prompts)
+    if args.quality:
+        return demo_quality(model, prompts, args)
     scenarios = {"plain": plain_scenario(prompts, truth), "mixed": mixed_scenario(tokenizer, prompts, truth)}
 
     rows = benchmark(

@@ -224,6 +224,9 @@ def main(argv=None):
         if output.exists():
             shutil.rmtree(output)
         model.generation_config = TwoTowerGenerationConfig.from_model_config(model.config)
+        # A model this small falls into loops under greedy decoding; a mild penalty breaks them (distinct-2 of mask
+        # diffusion on the held-out prompts 0.50 -> 0.69, agreement with AR 0.138 -> 0.127; `bench --quality`).
+        model.generation_config.repetition_penalty = 1.2
         model.to(torch.bfloat16).save_pretrained(output)
         tokenizer.save_pretrained(output)
         for code in output.glob("*.py"):
