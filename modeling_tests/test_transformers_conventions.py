@@ -373,3 +373,21 @@ def test_both_heads_have_a_tensor_parallel_plan():
     model = tiny_model(seed=0)
     heads = {name for name, module in model.named_modules() if name.endswith("lm_head")}
     assert heads == {"lm_head", "context_tower.lm_head"} and heads <= set(model._tp_plan)
+
+
+def test_attentions_and_router_logits_are_the_stock_models():
+    model = tiny_model(seed=0)
+    stock = nemotron_h_from_context_tower(model)
+    model.set_attn_implementation("eager")
+    stock.set_attn_implementation("eager")
+    ids = torch.randint(4, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    ours = model(ids, output_attentions=True, output_router_logits=True)
+    theirs = stock(ids, output_attentions=True, output_router_logits=True)
+    assert (
+        len(ours.attentions) == len(theirs.attentions) > 0 and len(ours.router_logits) == len(theirs.router_logits) > 0
+    )
+    for a, b in [*zip(ours.attentions, theirs.attentions), *zip(ours.router_logits, theirs.router_logits)]:
+        torch.testing.assert_close(a, b)
+    assert model(ids).attentions is None and model(ids).router_logits is None
+    with pytest.raises(ValueError, match="output_router_logits"):
+        model(ids, labels=ids, output_router_logits=True)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.utils import can_return_tuple, logging
 
 from .backbone_twotower import TwoTowerPreTrainedModel
@@ -285,8 +285,10 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         output_hidden_states: bool | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_attentions: bool | None = None,
+        output_router_logits: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> MoeCausalLMOutputWithPast:
         """Without `labels`: the context tower's next-token logits `(B, T, V)`, fp32 (no gradient).
         With `labels`: the masked-diffusion `loss` and the denoiser's logits (see `diffusion_loss`); it draws its noise
         from `generator` (or pass `noise_mask`), so it is reproducible with a seeded generator. For the exact
@@ -295,26 +297,41 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         `output_hidden_states` returns the hidden states of the tower that made the logits (the embeddings, then every
         layer; the last one before `norm_f`). `logits_to_keep` keeps the last `n` positions' logits (0: all) or the
         positions a 1-D tensor names, as in Nemotron-H. `use_cache` is accepted and returns no cache: `generate`
-        keeps its own (`prefill`). `return_dict=False` returns a tuple.
+        keeps its own (`prefill`). Without `labels`, `output_attentions` (eager attention) and
+        `output_router_logits` return the context tower's, recorded as Nemotron-H records them. `return_dict=False`
+        returns a tuple.
         """
         ignored = sorted(name for name, value in kwargs.items() if value is not None and value is not False)
         if ignored:
             raise ValueError(f"TwoTower's `forward` does not support {ignored}.")
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        recorded = {"output_attentions": output_attentions, "output_router_logits": output_router_logits}
+        recorded = {name: True for name, value in recorded.items() if value}
         if labels is not None:
+            if recorded:
+                raise ValueError(
+                    f"{sorted(recorded)} are returned for the context tower's forward (without `labels`); the "
+                    "diffusion loss does not record them."
+                )
             loss, logits, _, hidden_states = self._diffusion_forward(
                 input_ids, labels, attention_mask, noise_mask, generator, output_hidden_states
             )
-            return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden_states)
+            return MoeCausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden_states)
         with torch.no_grad():
             outputs = self.context_tower(
-                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states
-            )
+                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states,
+                **recorded,
+            )  # fmt: skip
             hidden = outputs.last_hidden_state
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.context_tower.next_token_logits(hidden[:, keep])
-        return CausalLMOutputWithPast(logits=logits, hidden_states=outputs.hidden_states)
+        return MoeCausalLMOutputWithPast(
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=getattr(outputs, "attentions", None) if output_attentions else None,
+            router_logits=getattr(outputs, "router_logits", None) if output_router_logits else None,
+        )
 
     @torch.no_grad()
     def log_likelihood(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
