@@ -289,3 +289,39 @@ def test_the_demo_tokenizer_pads_on_the_left_and_the_batched_call_works(demo):
         assert tokenizer.decode(out[row, batch.input_ids.shape[1] :], skip_special_tokens=True) == tokenizer.decode(
             alone[0, alone.shape[1] - 16 :], skip_special_tokens=True
         )
+
+
+# --- the remaining rows, in the modes a stock model does not have ---------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "mock_ar"])
+def test_warpers_act_on_each_positions_distribution(model, mode):
+    """top_k=1 leaves each position only its most likely token: sampling gives the greedy tokens (in diffusion the
+    confidence, read before the warpers, is the same too, so the commit order is)."""
+    ids = prompt(batch=2)
+    kwargs = dict(generation_mode=mode, max_new_tokens=8, eos_token_id=None, **DIFFUSION)
+    greedy = model.generate(ids, **kwargs)
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(model.generate(ids, do_sample=True, top_k=1, generator=generator, **kwargs), greedy)
+    sampled = model.generate(ids, do_sample=True, temperature=5.0, generator=generator, **kwargs)
+    assert not torch.equal(sampled, greedy)
+    kept = model.generate(ids, renormalize_logits=True, remove_invalid_values=True, **kwargs)
+    assert torch.equal(kept, greedy), "renormalising changes no argmax"
+
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "mock_ar"])
+def test_num_return_sequences_repeats_each_prompt(model, mode):
+    ids = prompt(batch=2)
+    generator = torch.Generator().manual_seed(0)
+    out = model.generate(
+        ids, generation_mode=mode, max_new_tokens=8, eos_token_id=None, do_sample=True, temperature=3.0,
+        num_return_sequences=3, generator=generator, **DIFFUSION,
+    )  # fmt: skip
+    assert out.shape == (6, 14) and torch.equal(out[:, :6], ids.repeat_interleave(3, 0))
+    assert not torch.equal(out[0], out[1])
+
+
+def test_the_diffusion_loss_is_reproducible_with_a_generator(model):
+    ids = prompt(length=12, batch=2)
+    loss = lambda seed: model(ids, labels=ids, generator=torch.Generator().manual_seed(seed)).loss  # noqa: E731
+    assert torch.equal(loss(0), loss(0)) and not torch.equal(loss(0), loss(1))

@@ -230,8 +230,8 @@ def test_output_hidden_states_are_those_of_the_tower_that_made_the_logits(model,
     assert len(training) == model.config.num_hidden_layers + 1
     noisy = PROMPT.masked_fill(noise, 3)
     torch.testing.assert_close(training[0], model.denoiser_tower.embeddings(noisy), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="output_attentions"):
-        model(PROMPT, output_attentions=True)
+    with pytest.raises(ValueError, match="output_attentions"):  # the diffusion loss records no attentions
+        model(PROMPT, labels=PROMPT, output_attentions=True)
 
 
 # --- training conveniences --------------------------------------------------------------------------------------------
