@@ -231,6 +231,33 @@ def test_diffusion_stops_on_eos_inside_the_block_and_saves_the_forwards(model):
     assert int(out.nfe[0]) < int(whole_block.nfe[0])
 
 
+def test_a_criterion_stop_before_an_eos_committed_in_the_same_step_wins(model):
+    """One step commits the whole block (threshold 0): the criterion's stop at 3 tokens comes before the EOS at the
+    fourth, as in AR."""
+
+    class StopAt(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 6 + 3, dtype=torch.bool)
+
+    ids, criteria = prompt(), StoppingCriteriaList([StopAt()])
+    kwargs = dict(block_size=8, steps_per_block=8, max_new_tokens=8, confidence_threshold=0.0)
+    plain = model.generate(ids, eos_token_id=None, **kwargs)[0, 6:].tolist()
+    eos = plain[3]
+    assert eos not in plain[:3]
+    assert model.generate(ids, eos_token_id=eos, stopping_criteria=criteria, **kwargs)[0, 6:].tolist() == plain[:3]
+    ar = model.generate(ids, generation_mode="ar", eos_token_id=eos, stopping_criteria=criteria, max_new_tokens=8)
+    assert ar.shape[1] == 6 + 3
+
+
+def test_renormalised_scores_are_log_probabilities_when_sampling(model):
+    out = model.generate(
+        prompt(), max_new_tokens=4, eos_token_id=None, do_sample=True, top_k=5, renormalize_logits=True,
+        return_dict_in_generate=True, output_scores=True, generator=torch.Generator().manual_seed(0), **DIFFUSION,
+    )  # fmt: skip
+    for scores in out.scores:
+        torch.testing.assert_close(scores.logsumexp(-1), torch.zeros(1), atol=1e-5, rtol=0)
+
+
 def test_custom_criteria_see_the_scores_of_the_committing_step(model):
     seen = []
 

@@ -321,8 +321,10 @@ class TwoTowerGenerationMixin(GenerationMixin):
             input_ids.device,
             {"attention_mask": None if attention_mask is None else attention_mask.repeat_interleave(config.block_size, 0)},
         )  # fmt: skip
-        processors = LogitsProcessorList(p for p in built if not isinstance(p, WARPERS))
-        warpers = LogitsProcessorList(p for p in built if isinstance(p, WARPERS))
+        # When sampling, the normalisation transformers puts last goes after the warpers too.
+        late = (*WARPERS, logits_process.LogitNormalization) if config.do_sample else WARPERS
+        processors = LogitsProcessorList(p for p in built if not isinstance(p, late))
+        warpers = LogitsProcessorList(p for p in built if isinstance(p, late))
         for processor in processors:
             if not isinstance(processor, POSITIONWISE_PROCESSORS):  # a guard: the checks above should have said why
                 raise ValueError(f"{type(processor).__name__} is not supported in `mask_diffusion` mode.")
@@ -676,7 +678,8 @@ class _CacheDecoder:
     def denoise(self, block, t, active, num_active: int, positions) -> torch.Tensor:
         """The denoiser's logits `(B, L, V)` for the whole batch, computed only for the `active` rows (something of
         their block still masked); the other rows' logits are 0, and nothing reads them. The sampling noise is still
-        drawn for the whole batch, so a row's tokens do not depend on which other rows were computed."""
+        drawn for the whole batch, so a row's tokens do not depend on which other rows were computed (the
+        number of steps, and so how much noise is drawn, still depends on the batch)."""
         model, in_cache = self.model, self.in_cache
         if not self.skip_idle_rows or num_active == block.shape[0] == len(in_cache):
             return model.denoise_step(block, self.cache, t, positions=positions)
@@ -819,7 +822,8 @@ class _BlockStop:
             self._stop(found, is_eos.long().argmax(-1) + 1)
         if self.stops:
             for p in range(int(self.checked.min()) + 1, int(prefix.max()) + 1):
-                rows = live & (prefix >= p) & (self.checked < p) & (self.length >= p) & ~self.stopped
+                # A row stopped later in its block (an EOS found this step) is still asked up to that stop.
+                rows = live & (prefix >= p) & (self.checked < p) & (self.length >= p)
                 if not bool(rows.any()):
                     continue
                 # The criteria see the rows whose prefix reached `p` (never a mask token), as a batch of their own.
@@ -843,6 +847,7 @@ class _CommitRecord:
     the step that committed it, and the row's forward index then (the commit order)."""
 
     def __init__(self, tracker: _RowTracker, keep_scores: bool, keep_logits: bool, output_scores: bool):
+        # Scores are kept for custom stopping criteria (they receive them) even when the caller did not ask for them.
         self.tracker, self.keep_scores, self.keep_logits = tracker, keep_scores, keep_logits
         self.output_scores = output_scores
         self.scores, self.logits, self.steps = [], [], []
