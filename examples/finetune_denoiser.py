@@ -239,7 +239,7 @@ def main(argv=None):
 def leave_process_group(trainer):
     """Leave the process group together and in order. The DDP wrapper holds the group: if the last reference to it
     goes with the trainer at exit, gloo's destructor joins its worker threads while this thread holds the GIL, and a
-    worker still releasing a tensor waits for the GIL: the process never exits (seen about once in ten runs of the
+    worker still releasing a tensor waits for the GIL: the process never exits (seen in CI and here on the
     torchrun test). So the wrapper goes first, while the group is alive; then a barrier, so that no process exits with
     a peer still up (gloo aborts it), then the group itself."""
     trainer.accelerator.free_memory()

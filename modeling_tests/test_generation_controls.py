@@ -182,9 +182,6 @@ def test_refused_in_every_mode(model, kwargs, match):
 
 
 def test_prompt_past_the_position_limit_warns(model, caplog):
-    from transformers.utils import logging
-
-    logging.get_logger("transformers_twotower").propagate = True
     ids = prompt(length=model.config.max_position_embeddings - 2)
     with caplog.at_level("WARNING"):
         model.generate(ids, generation_mode="ar", max_new_tokens=4, eos_token_id=None)
@@ -208,7 +205,7 @@ def test_a_stop_string_ending_inside_a_block_stops_there(demo, mode):
     # The reference: the first prefix of the unstopped text that the criterion accepts (the tokens before a stop
     # never change: a row's committed tokens do not depend on when it stops).
     length = next(n for n in range(1, len(generated) + 1) if criterion(generated[None, :n], None)[0])
-    assert length % 16 not in (0,) and length < len(generated)
+    assert length % 16 != 0 and length < len(generated)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
     stopped = model.generate(ids, stop_strings=[stop], tokenizer=tokenizer, streamer=streamer, **kwargs)
     assert stopped.sequences[0, ids.shape[1] :].tolist() == generated[:length].tolist()

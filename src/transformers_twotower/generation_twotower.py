@@ -7,6 +7,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from transformers import CompileConfig, GenerationConfig, GenerationMixin, LogitsProcessorList, StoppingCriteriaList
@@ -289,9 +290,9 @@ class TwoTowerGenerationMixin(GenerationMixin):
 
     def _processors(self, config, input_ids, attention_mask, logits_processor, prefix_allowed_tokens_fn):
         """Transformers' logits processors for this config. AR and Mock-AR: one list, as a stock model applies it.
-        Mask diffusion: `(processors, warpers, min_new)`, the position-wise processors and the warpers apart (the
-        confidence is read between them), with `min_length` / `min_new_tokens` as the generated count before which
-        EOS is banned at a position; anything else is refused by name."""
+        Mask diffusion: `_DiffusionControls`, the position-wise processors and the warpers apart (the confidence is
+        read between them), with `min_length` / `min_new_tokens` as the generated count before which EOS is banned at
+        a position; anything else is refused by name."""
         model_kwargs = {"attention_mask": attention_mask}
         if config.generation_mode != "mask_diffusion":
             return self._get_logits_processor(
@@ -328,7 +329,7 @@ class TwoTowerGenerationMixin(GenerationMixin):
         for processor in processors:
             if not isinstance(processor, POSITIONWISE_PROCESSORS):  # a guard: the checks above should have said why
                 raise ValueError(f"{type(processor).__name__} is not supported in `mask_diffusion` mode.")
-        return processors, (warpers if config.do_sample else None), min_new
+        return _DiffusionControls(processors, warpers if config.do_sample else None, min_new)
 
     def generate_mask_diffusion(
         self,
@@ -554,12 +555,12 @@ class TwoTowerGenerationMixin(GenerationMixin):
         return _StateDecoder(StaticSteps(self, state, compile_config), cache.next_token_logits)
 
     def _generate_mask_diffusion(
-        self, input_ids, attention_mask, config, processors, stops, streamer, generator, observers,
+        self, input_ids, attention_mask, config, controls, stops, streamer, generator, observers,
         full_logits=False, custom_stops=False,
     ) -> TwoTowerGenerationOutput:  # fmt: skip
         batch_size, device = input_ids.shape[0], input_ids.device
         block_size, steps, mask_id = config.block_size, config.steps_per_block, config.mask_token_id
-        processors, warpers, min_new = processors
+        processors, warpers, min_new = controls
         eos = torch.tensor(self._eos_ids(config), dtype=torch.long, device=device)
         positions = torch.arange(block_size, device=device)
 
@@ -640,7 +641,9 @@ class TwoTowerGenerationMixin(GenerationMixin):
             else:
                 logits = decoder.next_token_logits
             logits = logits.float()
-            scores = processors(tracker.sequences, logits.clone()) if processors else logits
+            scores = (
+                processors(tracker.sequences, logits.clone()) if processors else logits
+            )  # a processor may write in place
             if config.do_sample:
                 token = torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
             else:
@@ -661,6 +664,14 @@ class TwoTowerGenerationMixin(GenerationMixin):
         result.scores = None if scores_seen is None else tuple(scores_seen[:kept])
         result.logits = None if logits_seen is None else tuple(logits_seen[:kept])
         return result
+
+
+class _DiffusionControls(NamedTuple):
+    """Transformers' controls as mask diffusion applies them (docs/generation.md, "Controls")."""
+
+    processors: LogitsProcessorList  # position-wise, before the confidence is read
+    warpers: LogitsProcessorList | None  # sampling only, after it
+    min_new: int  # EOS is banned at the positions before this many generated tokens
 
 
 class _CacheDecoder:
@@ -860,10 +871,10 @@ class _CommitRecord:
 
     def commit(self, commit: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor):
         if self.block_scores is not None:
-            self.block_scores = torch.where(commit[..., None], scores, self.block_scores)
+            self.block_scores[commit] = scores[commit]  # in place: only the committed positions' rows move
         if self.block_logits is not None:
-            self.block_logits = torch.where(commit[..., None], logits.float(), self.block_logits)
-        self.block_steps = torch.where(commit, self.tracker.nfe[:, None], self.block_steps)
+            self.block_logits[commit] = logits[commit].float()
+        self.block_steps = torch.where(commit, self.tracker.nfe[:, None], self.block_steps)  # (B, S): small
 
     def end_block(self):
         real = self.tracker.last_real  # (B, n): the tokens the tracker kept of this block
