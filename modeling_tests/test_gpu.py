@@ -1,9 +1,12 @@
-"""GPU checks: the CUDA kernels (mamba-ssm, causal-conv1d) against the naive recurrence and the release fixtures,
-and bf16. Skipped, with the reason, where there is no GPU or no kernels.
+"""GPU checks: the CUDA kernels (mamba-ssm, causal-conv1d) against the naive recurrence and the release fixture, and
+`compile=True` against eager. Skipped, with the reason, where there is no GPU or no kernels. bf16 against fp32 is
+checked on every device by test_bf16.py.
 
 fp32 checks are made in fp32: Triton's `tl.dot` computes fp32 products in TF32 unless told otherwise, and mamba-ssm's
-chunk-scan kernels do not say, which moved the release fixture's logits by 1.5e-2. `TRITON_F32_DEFAULT=ieee` is
-set before any kernel compiles (this file runs in a process of its own, benchmarks/gpu_check.sh).
+chunk-scan kernels do not say. TF32 keeps 11 significant bits (unit roundoff 2^-11), so under the bound test_bf16.py
+derives for bf16, 2 * u * sqrt(L) * max|logits|, the fixture's logits may move by up to 0.16; an H200 run moved
+them by 1.5e-2. `TRITON_F32_DEFAULT=ieee` is set before any kernel compiles (this file runs in a process of its
+own, with a Triton cache of its own: benchmarks/gpu_check.sh), and then the recorded logits must agree to 5e-3.
 """
 
 import importlib.util
@@ -59,23 +62,6 @@ def test_release_fixture_on_gpu_fp32():
                              return_dict_in_generate=True)  # fmt: skip
         assert out.sequences[0].tolist() == run["output_ids"], case
         assert out.nfe.item() == run["nfe"], case
-
-
-@needs_cuda
-def test_bf16_generation_stays_close_to_fp32():
-    expected = json.loads((RELEASE_FIXTURE / "expected.json").read_text())
-    fp32 = TwoTowerForDiffusionLM.from_pretrained(RELEASE_FIXTURE, dtype=torch.float32).cuda().eval()
-    bf16 = TwoTowerForDiffusionLM.from_pretrained(RELEASE_FIXTURE, dtype=torch.bfloat16).cuda().eval()
-    prompt = torch.tensor([expected["prompts"]["len17"]]).cuda()
-    block = torch.tensor([[3, 219, 3, 3]]).cuda()
-    t = torch.tensor([0.75]).cuda()
-    reference = fp32.denoise_step(block, fp32.prefill(prompt), t)
-    low = bf16.denoise_step(block, bf16.prefill(prompt), t)
-    assert low.dtype == torch.float32  # logits always come back in fp32
-    assert (low - reference).abs().max() < 1.5  # |logits| reach ~53
-    assert (low.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.75
-    out = bf16.generate(prompt, max_new_tokens=16, block_size=8, steps_per_block=8, eos_token_id=None)
-    assert out.shape == (1, 33) and (out != 3).all()
 
 
 @needs_cuda

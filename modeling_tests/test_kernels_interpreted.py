@@ -37,7 +37,8 @@ from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined  # noqa:
 from transformers_twotower import TwoTowerForDiffusionLM  # noqa: E402
 
 
-DEVICE = torch.device("cuda" if interpreted_kernels.ON_GPU else "cpu")
+ON_GPU = interpreted_kernels.ON_GPU
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 EXPECTED_DIFFUSION = json.loads((RELEASE_FIXTURE / "expected.json").read_text())["diffusion"]
 ATOL = 5e-4  # the release fixtures' tolerance
 
@@ -63,6 +64,18 @@ def prompt(name: str) -> torch.Tensor:
 # --- the seeded scan ----------------------------------------------------------------------------------------------
 
 
+def close_in_fp32(actual, expected, chunk_size: int):
+    """The kernels' fp32 results against an fp32 reference. Interpreted, or compiled with `TRITON_F32_DEFAULT=ieee`
+    (gpu_check.sh), their dot products are IEEE fp32 and agree within 1e-4 relative. Compiled with Triton's default,
+    a GPU computes them in TF32 (unit roundoff u = 2^-11), whose rounding errors add like a random walk over a chunk's
+    terms: then the bound is 2 * u * sqrt(chunk_size) * max|expected|."""
+    if ON_GPU and os.environ.get("TRITON_F32_DEFAULT") != "ieee":
+        bound = 2 * 2.0**-11 * chunk_size**0.5 * expected.abs().max().item()
+        torch.testing.assert_close(actual, expected, rtol=0, atol=bound)
+    else:
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
 def scan_inputs(model, length: int, seed: int):
     mixer = model.denoiser_tower.layers[0].mixer
     generator = torch.Generator().manual_seed(seed)
@@ -81,15 +94,18 @@ def test_seeded_scan_through_the_kernel_equals_the_recurrence(length):
         fast, fast_conv, fast_state = mixer.seeded_scan(hidden, conv_history, ssm_state)
         slow, slow_conv, slow_state = naive_seeded_mixer(mixer, hidden, conv_history, ssm_state)
     assert calls("mamba_chunk_scan_combined") == before + 1, "the scan must go through mamba-ssm's kernel"
-    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+    close_in_fp32(fast, slow, mixer.chunk_size)
     torch.testing.assert_close(fast_conv, slow_conv, rtol=0, atol=0)
-    torch.testing.assert_close(fast_state, slow_state, rtol=1e-4, atol=1e-5)
+    close_in_fp32(fast_state, slow_state, mixer.chunk_size)
 
 
 @pytest.mark.parametrize("length", [5, 8, 13])
 def test_the_kernel_given_initial_states_equals_the_superposition(length):
-    """mamba-ssm's chunked kernel handed the initial state directly, against the closed form the package uses
-    (kernel from zero + the state's decayed contribution). A block shorter than the chunk is the reported trap."""
+    """A characterisation of mamba-ssm's kernel on a path the package does not take: the chunked kernel handed the
+    initial state directly (`initial_states=`), against the superposition the package uses (the kernel from zero,
+    plus the state's decayed contribution in closed form, exact by construction; docs/architecture.md, "The kernel
+    path"). A block shorter than the chunk is the case reported elsewhere as wrong. Here it agrees within fp32's
+    rounding, and on a GPU within TF32's where Triton's default precision is on (an H200 run: max abs 2.2e-4)."""
     model = tiny_model().to(DEVICE)
     mixer, hidden, conv_history, ssm_state = scan_inputs(model, length, seed=100 + length)
     with torch.no_grad():
@@ -117,8 +133,8 @@ def test_the_kernel_given_initial_states_equals_the_superposition(length):
             return_final_states=True,
         )
         direct = mixer.out_proj(mixer.norm(y.reshape(2, length, -1), gate))
-    torch.testing.assert_close(direct, out, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(direct_state, state, rtol=1e-4, atol=1e-5)
+    close_in_fp32(direct, out, mixer.chunk_size)
+    close_in_fp32(direct_state, state, mixer.chunk_size)
 
 
 # --- the release fixture with the kernels -------------------------------------------------------------------------
