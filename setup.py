@@ -14,7 +14,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["transformers==5.23.*", "torch>=2.4", "accelerate", "safetensors"],
     extras_require={
-        "test": ["pytest", "peft", "datasets"],
+        "test": ["pytest", "peft", "datasets", "lm-eval==0.4.*"],
+        "eval": ["lm-eval==0.4.*"],
         "cuda": ["mamba-ssm", "causal-conv1d"],
         "bench": ["matplotlib"],
     },

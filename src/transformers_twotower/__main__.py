@@ -3,6 +3,7 @@
     generate PROMPT [--model DIR] [--mode mask_diffusion|mock_ar|ar] [--threshold 0.8] [--block-size 16] [--steps 16]
                     [--max-new-tokens 128 | --max-length N] [--device cpu] [--dtype auto|float32|bfloat16]
     bench [...]     the demo benchmark (benchmarks/bench_demo.py, from a checkout of the repository)
+    lm_eval [...]   lm-evaluation-harness's command line with the `twotower` model registered (the [eval] extra)
 
 Without `--model`, `generate` uses the small demo TwoTower bundled with the package (trained on Python source).
 """
@@ -109,13 +110,29 @@ def bench(argv: list[str]) -> int:
     return runpy.run_path(str(checkout / script), run_name=script.removesuffix(".py"))["main"](argv)
 
 
+def lm_eval(argv: list[str]) -> int:
+    """lm-eval 0.4 looks models up in its own registry only: register `twotower`, then run its command line."""
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError:
+        raise SystemExit('error: lm_eval needs the [eval] extra: pip install "transformers-twotower[eval]"')
+    from . import lm_eval_twotower  # noqa: F401  (registers the model)
+
+    sys.argv = ["lm_eval", *argv]
+    cli_evaluate()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
         return bench(argv[1:])
+    if argv[:1] == ["lm_eval"]:
+        return lm_eval(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m transformers_twotower", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("bench", help="the demo benchmark (see benchmarks/bench_demo.py --help)")
+    commands.add_parser("lm_eval", help="lm-evaluation-harness with the `twotower` model (see lm_eval --help)")
     gen = commands.add_parser("generate", help="generate after a prompt, streaming the text")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=str(DEMO_MODEL), help="a TwoTower folder (default: the bundled demo)")

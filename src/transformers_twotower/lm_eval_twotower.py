@@ -1,0 +1,197 @@
+"""An lm-evaluation-harness model for TwoTower, registered as `twotower` (the `[eval]` extra: lm-eval 0.4).
+
+    twotower lm_eval --model twotower --model_args pretrained=DIR,generation_mode=mask_diffusion,\
+confidence_threshold=0.8,block_size=16,dtype=bfloat16 --tasks gsm8k
+
+or, in Python, `import transformers_twotower.lm_eval_twotower` and then `lm_eval.simple_evaluate(model="twotower",
+...)`. lm-eval 0.4 finds models only in its own registry (it has no plugin entry points), so the bare `lm_eval`
+command knows `twotower` only once this module is imported: `twotower lm_eval` imports it and then runs lm-eval's
+own command line with the arguments given.
+
+- `generate_until` runs `model.generate` in the generation mode of `model_args`, batched with left padding, the
+  task's `until` strings stopping each row inside a block (stop strings), `max_gen_toks` as `max_new_tokens`, and the
+  task's greedy or sampling arguments. The text is cut before the first `until` string, as lm-eval's HF model cuts
+  it. Denoiser forwards (NFE) and tokens per forward are added to the results' `config` (`twotower_generation`).
+- `loglikelihood` and `loglikelihood_rolling` are exact: the frozen context tower is the AR backbone, and its
+  next-token log-probabilities score the continuation, batched longest first.
+
+Every other model argument is a `TwoTowerGenerationConfig` field (`steps_per_block`, `keep_eos_block`, ...).
+"""
+
+import torch
+import torch.nn.functional as F
+from lm_eval import utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import Collator
+from transformers import AutoTokenizer
+
+from .__main__ import check_device
+from .modeling_twotower import TwoTowerForDiffusionLM
+
+
+@register_model("twotower")
+class TwoTowerLM(TemplateLM):
+    def __init__(
+        self,
+        pretrained: str | TwoTowerForDiffusionLM,
+        tokenizer=None,
+        generation_mode: str = "mask_diffusion",
+        dtype: str = "float32",
+        device: str = "cpu",
+        batch_size: int | str = 1,
+        max_length: int | None = None,
+        **generation_fields,
+    ):
+        super().__init__()
+        if isinstance(pretrained, str):
+            check_device(device)
+            model = TwoTowerForDiffusionLM.from_pretrained(pretrained, dtype=getattr(torch, dtype))
+            self.model = model.to(device).eval()
+        else:
+            self.model = pretrained.eval()
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(pretrained if isinstance(pretrained, str) else
+                                                                    pretrained.name_or_path)  # fmt: skip
+        self.tokenizer.padding_side = "left"
+        if str(batch_size).startswith("auto"):
+            raise ValueError("batch_size=auto is not supported by the twotower model; give a number")
+        self.batch_size = int(batch_size)
+        self.max_length = max_length or self.model.config.max_position_embeddings
+        unknown = set(generation_fields) - set(self.model.generation_config.to_dict())
+        if unknown:
+            raise ValueError(f"model_args {sorted(unknown)} are neither twotower arguments nor generation fields")
+        self.generation = {"generation_mode": generation_mode, **generation_fields}
+        self.nfe = self.generated_tokens = 0
+
+    # --- tokens ---------------------------------------------------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:  # an empty context is scored after BOS, as the model was trained
+        return self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eot_token_id
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer.encode(string, add_special_tokens=add_special_tokens is not False)
+
+    def tok_decode(self, tokens) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    # --- log-likelihoods ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _score(self, rows: list[list[int]], lengths: list[int]) -> list[tuple[float, bool]]:
+        """For each token row, the log-probability of its last `length` tokens given the rest, under the context
+        tower, and whether each of them is the greedy choice. Rows are left-padded into one batch."""
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+        logits = self.model(ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
+        log_probs = F.log_softmax(logits[:, :-1], dim=-1)  # position i predicts token i + 1
+        targets = ids[:, 1:].to(self.device)
+        scores = []
+        for i, length in enumerate(lengths):
+            picked = log_probs[i, -length:].gather(-1, targets[i, -length:, None]).squeeze(-1)
+            greedy = bool((log_probs[i, -length:].argmax(-1) == targets[i, -length:]).all())
+            scores.append((picked.sum().item(), greedy))
+        return scores
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        def row(request):  # truncated on the left to the model's length, as lm-eval's HF model does
+            _, context, continuation = request
+            return (context + continuation)[-(self.max_length + 1) :], len(continuation)
+
+        collator = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])))
+        results = []
+        for chunk in collator.get_batched(n=self.batch_size):
+            rows, lengths = zip(*(row(request) for request in chunk))
+            for request, score in zip(chunk, self._score(list(rows), list(lengths))):
+                results.append(score)
+                self.cache_hook.add_partial("loglikelihood", request[0], score)
+        return collator.get_original(results)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """The whole text's log-likelihood: disjoint windows of at most `max_length` tokens, each after BOS and the
+        tokens before it (lm-eval's rolling windows)."""
+        results = []
+        for (text,) in [request.args for request in requests]:
+            windows = utils.get_rolling_token_windows(
+                token_list=self.tok_encode(text, add_special_tokens=False),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
+                context_len=1,
+            )
+            windows = [utils.make_disjoint_window(window) for window in windows]
+            total = 0.0
+            for start in range(0, len(windows), self.batch_size):
+                batch = windows[start : start + self.batch_size]
+                scores = self._score([context + target for context, target in batch], [len(t) for _, t in batch])
+                total += sum(score for score, _ in scores)
+            results.append(total)
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+        return results
+
+    # --- generation -----------------------------------------------------------------------------------------------
+
+    def generation_kwargs(self, task_kwargs: dict) -> tuple[dict, list[str]]:
+        """`model.generate` arguments for a task's `gen_kwargs`, and its `until` strings."""
+        task_kwargs = dict(task_kwargs)
+        until = task_kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_new_tokens = task_kwargs.pop("max_gen_toks", 256)
+        if task_kwargs.get("temperature", None) == 0.0:  # lm-eval's way of saying greedy
+            task_kwargs.pop("temperature")
+            task_kwargs["do_sample"] = False
+        kwargs = {**self.generation, **task_kwargs, "max_new_tokens": max_new_tokens}
+        if until:
+            kwargs.update(stop_strings=until, tokenizer=self.tokenizer)
+        return kwargs, until
+
+    @torch.no_grad()
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        collator = Collator(
+            [request.args for request in requests],
+            sort_fn=lambda args: (-len(self.tok_encode(args[0])), args[0]),
+            group_by="gen_kwargs",
+            group_fn=lambda args: args[1],
+        )
+        results = []
+        for chunk in collator.get_batched(n=self.batch_size):
+            contexts, all_kwargs = zip(*chunk)
+            kwargs, until = self.generation_kwargs(all_kwargs[0])
+            inputs = self.tokenizer(list(contexts), return_tensors="pt", padding=True).to(self.device)
+            out = self.model.generate(**inputs, **kwargs, return_dict_in_generate=True)
+            generated = out.sequences[:, inputs["input_ids"].shape[1] :]
+            for context, tokens in zip(contexts, generated):
+                text = self.tok_decode(tokens.tolist())
+                for stop in until:
+                    text = text.split(stop)[0]
+                results.append(text)
+                self.cache_hook.add_partial("generate_until", (context, all_kwargs[0]), text)
+            self.nfe += int(out.nfe.sum())
+            self.generated_tokens += int((out.tokens_per_forward * out.nfe).round().sum())
+        return collator.get_original(results)
+
+    def get_model_info(self) -> dict:
+        """Added to the results' `config` after the run: the mode and what generation cost."""
+        per_forward = self.generated_tokens / self.nfe if self.nfe else None
+        return {
+            "twotower_generation": {
+                **self.generation,
+                "nfe": self.nfe,
+                "generated_tokens": self.generated_tokens,
+                "tokens_per_forward": per_forward,
+            }
+        }
+
+
+__all__ = ["TwoTowerLM"]
