@@ -150,3 +150,24 @@ def test_lm_eval_command_line_knows_twotower(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     written = list(tmp_path.rglob("results_*.json"))
     assert written and "code_choice" in json.loads(written[0].read_text())["results"]
+
+
+def test_the_comparison_command_writes_its_table(tmp_path, monkeypatch):
+    """`twotower eval`: each mode on the same tasks; AR is 100% of itself (unless it scores 0); the multiple-choice score, an exact AR
+    log-likelihood, is the same in every mode; the table and the JSON are written."""
+    from transformers_twotower.__main__ import main
+
+    monkeypatch.chdir(TASK_DIR)
+    output = tmp_path / "compare.json"
+    argv = ["eval", "--tasks", "code_next_line", "code_choice", "--modes", "ar", "mask_diffusion", "--thresholds",
+            "0.5", "0.9", "--include-path", str(TASK_DIR), "--limit", "4", "--batch-size", "4", "--output", str(output)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(output.read_text())
+    runs = {(run["mode"], run["threshold"]): run for run in result["runs"]}
+    assert set(runs) == {("ar", None), ("mask_diffusion", 0.5), ("mask_diffusion", 0.9)}
+    ar = runs["ar", None]
+    assert ar["score_vs_ar_percent"] == (100.0 if ar["mean_score"] else None)  # no percentage of a zero score
+    assert ar["throughput_vs_ar"] == 1.0 and ar["tokens_per_forward"] == 1.0
+    assert len({run["scores"]["code_choice"] for run in result["runs"]}) == 1
+    assert all(run["nfe"] > 0 and run["tokens_per_second"] > 0 for run in result["runs"])
+    assert result["model"] == "demo" and "/" not in result["model"]

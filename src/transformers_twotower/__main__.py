@@ -3,6 +3,7 @@
     generate PROMPT [--model DIR] [--mode mask_diffusion|mock_ar|ar] [--threshold 0.8] [--block-size 16] [--steps 16]
                     [--max-new-tokens 128 | --max-length N] [--device cpu] [--dtype auto|float32|bfloat16]
     bench [...]     the demo benchmark (benchmarks/bench_demo.py, from a checkout of the repository)
+    eval --tasks ... --modes ar mask_diffusion [--thresholds ...]   each mode's scores against AR's, tokens/s, NFE
     lm_eval [...]   lm-evaluation-harness's command line with the `twotower` model registered (the [eval] extra)
 
 Without `--model`, `generate` uses the small demo TwoTower bundled with the package (trained on Python source).
@@ -129,9 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         return bench(argv[1:])
     if argv[:1] == ["lm_eval"]:
         return lm_eval(argv[1:])
+    if argv[:1] == ["eval"]:
+        from .compare_twotower import main as compare
+
+        return compare(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m transformers_twotower", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("bench", help="the demo benchmark (see benchmarks/bench_demo.py --help)")
+    commands.add_parser("eval", help="the same lm-eval tasks in each mode, against AR (see eval --help)")
     commands.add_parser("lm_eval", help="lm-evaluation-harness with the `twotower` model (see lm_eval --help)")
     gen = commands.add_parser("generate", help="generate after a prompt, streaming the text")
     gen.add_argument("prompt")

@@ -18,6 +18,8 @@ own command line with the arguments given.
 Every other model argument is a `TwoTowerGenerationConfig` field (`steps_per_block`, `keep_eos_block`, ...).
 """
 
+import time
+
 import torch
 import torch.nn.functional as F
 from lm_eval import utils
@@ -62,6 +64,7 @@ class TwoTowerLM(TemplateLM):
             raise ValueError(f"model_args {sorted(unknown)} are neither twotower arguments nor generation fields")
         self.generation = {"generation_mode": generation_mode, **generation_fields}
         self.nfe = self.generated_tokens = 0
+        self.generation_seconds = 0.0
 
     # --- tokens ---------------------------------------------------------------------------------------------------
 
@@ -169,7 +172,11 @@ class TwoTowerLM(TemplateLM):
             contexts, all_kwargs = zip(*chunk)
             kwargs, until = self.generation_kwargs(all_kwargs[0])
             inputs = self.tokenizer(list(contexts), return_tensors="pt", padding=True).to(self.device)
+            began = time.perf_counter()
             out = self.model.generate(**inputs, **kwargs, return_dict_in_generate=True)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.generation_seconds += time.perf_counter() - began
             generated = out.sequences[:, inputs["input_ids"].shape[1] :]
             for context, tokens in zip(contexts, generated):
                 text = self.tok_decode(tokens.tolist())
@@ -190,6 +197,10 @@ class TwoTowerLM(TemplateLM):
                 "nfe": self.nfe,
                 "generated_tokens": self.generated_tokens,
                 "tokens_per_forward": per_forward,
+                "generation_seconds": self.generation_seconds,
+                "tokens_per_second": self.generated_tokens / self.generation_seconds
+                if self.generation_seconds
+                else None,
             }
         }
 
