@@ -32,12 +32,6 @@ FIXTURE = ROOT / "modeling_tests/fixtures/twotower_tiny_a"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def cpu_seconds(fn) -> float:
-    began = time.process_time()
-    fn()
-    return time.process_time() - began
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(FIXTURE))
@@ -47,6 +41,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/generate_cpu.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from bench_compile import cpu_seconds
     from bench_training import load_models
 
     model, stock = load_models(args.model)

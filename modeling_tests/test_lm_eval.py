@@ -51,23 +51,29 @@ def stock_log_probs(stock, ids: list[int]) -> torch.Tensor:
     return logits.log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """The whole row's tokens and the context's, as lm-eval forms them: the context's trailing spaces move to the
+    continuation, and an empty context is BOS."""
+    if not context:
+        return [tokenizer.bos_token_id] + tokenizer.encode(continuation, add_special_tokens=False), [1]
+    kept = context.rstrip()
+    return tokenizer.encode(context + continuation), tokenizer.encode(kept)
+
+
 def test_loglikelihood_equals_the_backbone_row_by_row(demo, stock):
     """Batched (ragged rows, left-padded, sorted longest first) against each row alone in the stock model."""
     model, tokenizer = demo
     lm = TwoTowerLM(model, tokenizer=tokenizer, batch_size=4)
     pairs = [(row["prompt"], choice) for row in ROWS[:3] for choice in row["choices"]] + [("", "import heapq")]
+    context = ROWS[3]["prompt"].rstrip()  # and a continuation the backbone picks greedily
+    ids = torch.tensor([tokenizer.encode(context)])
+    greedy_text = tokenizer.decode(stock.generate(ids, max_new_tokens=3, do_sample=False)[0, ids.shape[1] :])
+    pairs.append((context, greedy_text))
     results = lm.loglikelihood(requests("loglikelihood", pairs))
-    assert len(results) == len(pairs)
+    assert len(results) == len(pairs) and results[-1][1] and not all(greedy for _, greedy in results)
     for (context, continuation), (score, greedy) in zip(pairs, results):
-        if context:  # lm-eval moves the context's trailing spaces to the continuation
-            kept = context.rstrip()
-            context, continuation = kept, context[len(kept) :] + continuation
-            whole, head = tokenizer.encode(context + continuation), tokenizer.encode(context)
-        else:  # an empty context is scored after BOS
-            head = [tokenizer.bos_token_id]
-            whole = head + tokenizer.encode(continuation, add_special_tokens=False)
-        log_probs = stock_log_probs(stock, whole)[len(head) - 1 :]
-        assert score == pytest.approx(log_probs.sum().item(), abs=1e-3)
+        whole, head = encode_pair(tokenizer, context, continuation)
+        assert score == pytest.approx(stock_log_probs(stock, whole)[len(head) - 1 :].sum().item(), abs=1e-3)
         with torch.no_grad():
             argmax = stock(torch.tensor([whole])).logits[0, len(head) - 1 : -1].argmax(-1)
         assert greedy == bool((argmax == torch.tensor(whole[len(head) :])).all())
@@ -124,7 +130,10 @@ def test_unknown_model_args_are_refused_by_name(demo):
         TwoTowerLM(model, tokenizer=tokenizer, confidense_threshold=0.8)
 
 
-def test_the_local_task_runs_through_simple_evaluate(monkeypatch):
+def test_the_local_task_runs_through_simple_evaluate(demo, stock, monkeypatch):
+    """The harness's scores equal the ones computed here: accuracy from the stock model's log-likelihoods of the four
+    choices, exact match from `model.generate` cut at the newline."""
+    model, tokenizer = demo
     monkeypatch.chdir(TASK_DIR)  # the task's data_files are relative
     from lm_eval.tasks import TaskManager
 
@@ -135,9 +144,21 @@ def test_the_local_task_runs_through_simple_evaluate(monkeypatch):
         task_manager=TaskManager(include_path=str(TASK_DIR), include_defaults=False),
         limit=6,
     )
-    assert set(results["results"]) == {"code_next_line", "code_choice"}
-    assert 0.0 <= results["results"]["code_choice"]["acc,none"] <= 1.0
-    assert 0.0 <= results["results"]["code_next_line"]["exact_match,none"] <= 1.0
+    rows = ROWS[:6]
+    correct = 0
+    for row in rows:
+        scores = []
+        for choice in row["choices"]:
+            whole, head = encode_pair(tokenizer, row["prompt"], choice)
+            scores.append(stock_log_probs(stock, whole)[len(head) - 1 :].sum().item())
+        correct += max(range(4), key=scores.__getitem__) == row["gold"]
+    assert results["results"]["code_choice"]["acc,none"] == pytest.approx(correct / len(rows))
+    batch = tokenizer([row["prompt"] for row in rows], return_tensors="pt", padding=True)
+    out = model.generate(**batch, confidence_threshold=0.8, max_new_tokens=24, stop_strings=["\n"],
+                         tokenizer=tokenizer, do_sample=False)  # fmt: skip
+    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    exact = sum(text.split("\n")[0] == row["target"] for text, row in zip(texts, rows)) / len(rows)
+    assert results["results"]["code_next_line"]["exact_match,none"] == pytest.approx(exact)
     assert results["config"]["twotower_generation"]["nfe"] > 0
 
 

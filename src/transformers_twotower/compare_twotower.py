@@ -4,7 +4,8 @@
                   [--include-path DIR] [--limit N] [--batch-size 8] [--device cuda] [--dtype bfloat16]
                   [--output results/compare.json] [--confirm-run-unsafe-code]
 
-Each run loads nothing again: one model and tokenizer, wrapped by `TwoTowerLM` once per mode and threshold. For
+Each run loads nothing again: one model and tokenizer, one `TwoTowerLM` switched from mode to mode, which scores
+each log-likelihood request once (they come from the context tower in every mode). For
 each run the table gives every task's score (its first metric), their mean, that mean as a percentage of AR's (the
 release's "98.7% of the AR baseline"), generated tokens per second of generation time, denoiser forwards (NFE) and
 tokens per forward. The release's throughput ratio is the diffusion run's tokens/s over AR's. Written to `--output`
@@ -36,10 +37,9 @@ def compare(
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     runs = [("ar", None)] if "ar" in modes else []
     runs += [(mode, t) for mode in modes if mode != "ar" for t in (thresholds if mode == "mask_diffusion" else [None])]
-    rows = []
-    for mode, threshold in runs:
-        fields = {} if threshold is None else {"confidence_threshold": threshold}
-        lm = TwoTowerLM(model, tokenizer=tokenizer, generation_mode=mode, batch_size=batch_size, **fields)
+    lm, rows = TwoTowerLM(model, tokenizer=tokenizer, batch_size=batch_size), []
+    for mode, threshold in runs:  # one model: log-likelihood tasks are scored once, by the first run
+        lm.use(mode, **({} if threshold is None else {"confidence_threshold": threshold}))
         results = lm_eval.simple_evaluate(
             model=lm, tasks=list(tasks), task_manager=manager, limit=limit, confirm_run_unsafe_code=unsafe
         )

@@ -21,7 +21,6 @@ Every other model argument is a `TwoTowerGenerationConfig` field (`steps_per_blo
 import time
 
 import torch
-import torch.nn.functional as F
 from lm_eval import utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -59,12 +58,20 @@ class TwoTowerLM(TemplateLM):
             raise ValueError("batch_size=auto is not supported by the twotower model; give a number")
         self.batch_size = int(batch_size)
         self.max_length = max_length or self.model.config.max_position_embeddings
+        self.scored = {}  # (tokens, continuation length) -> (log-likelihood, greedy): the same in every mode
+        self.use(generation_mode, **generation_fields)
+
+    def use(self, generation_mode: str, **generation_fields):
+        """Generate in this mode from now on, with these `TwoTowerGenerationConfig` fields, and count generation
+        costs from zero. Log-likelihoods already computed are kept: they come from the context tower in every
+        mode (`twotower eval` runs each mode on one model this way)."""
         unknown = set(generation_fields) - set(self.model.generation_config.to_dict())
         if unknown:
             raise ValueError(f"model_args {sorted(unknown)} are neither twotower arguments nor generation fields")
         self.generation = {"generation_mode": generation_mode, **generation_fields}
         self.nfe = self.generated_tokens = 0
         self.generation_seconds = 0.0
+        return self
 
     # --- tokens ---------------------------------------------------------------------------------------------------
 
@@ -92,35 +99,29 @@ class TwoTowerLM(TemplateLM):
     def _score(self, rows: list[list[int]], lengths: list[int]) -> list[tuple[float, bool]]:
         """For each token row, the log-probability of its last `length` tokens given the rest, under the context
         tower, and whether each of them is the greedy choice. Rows are left-padded into one batch."""
-        width = max(len(row) for row in rows)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row) :] = torch.tensor(row)
-            mask[i, width - len(row) :] = 1
-        logits = self.model(ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
-        log_probs = F.log_softmax(logits[:, :-1], dim=-1)  # position i predicts token i + 1
-        targets = ids[:, 1:].to(self.device)
-        scores = []
-        for i, length in enumerate(lengths):
-            picked = log_probs[i, -length:].gather(-1, targets[i, -length:, None]).squeeze(-1)
-            greedy = bool((log_probs[i, -length:].argmax(-1) == targets[i, -length:]).all())
-            scores.append((picked.sum().item(), greedy))
-        return scores
+        batch = self.tokenizer.pad({"input_ids": rows}, padding_side="left", return_tensors="pt").to(self.device)
+        logits = self.model(**batch).logits[:, :-1].float()  # position i predicts token i + 1
+        targets = batch["input_ids"][:, 1:]
+        picked = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+        width = targets.shape[1]
+        scored = torch.arange(width, device=self.device) >= width - torch.tensor(lengths, device=self.device)[:, None]
+        greedy = (logits.argmax(-1) == targets) | ~scored
+        return list(zip((picked * scored).sum(-1).tolist(), greedy.all(-1).tolist()))
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        def row(request):  # truncated on the left to the model's length, as lm-eval's HF model does
+        def key(request):  # truncated on the left to the model's length, as lm-eval's HF model does
             _, context, continuation = request
-            return (context + continuation)[-(self.max_length + 1) :], len(continuation)
+            return tuple((context + continuation)[-(self.max_length + 1) :]), len(continuation)
 
-        collator = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])))
-        results = []
+        todo = list({key(request): request for request in requests if key(request) not in self.scored}.values())
+        collator = Collator(todo, sort_fn=lambda request: (-len(key(request)[0]), key(request)[0]))
         for chunk in collator.get_batched(n=self.batch_size):
-            rows, lengths = zip(*(row(request) for request in chunk))
-            for request, score in zip(chunk, self._score(list(rows), list(lengths))):
-                results.append(score)
-                self.cache_hook.add_partial("loglikelihood", request[0], score)
-        return collator.get_original(results)
+            keys = [key(request) for request in chunk]
+            scores = self._score([list(tokens) for tokens, _ in keys], [length for _, length in keys])
+            self.scored.update(zip(keys, scores))
+        for request in requests:
+            self.cache_hook.add_partial("loglikelihood", request[0], self.scored[key(request)])
+        return [self.scored[key(request)] for request in requests]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """The whole text's log-likelihood: disjoint windows of at most `max_length` tokens, each after BOS and the
