@@ -3,6 +3,8 @@
 from huggingface_hub.dataclasses import strict
 from transformers.models.nemotron_h.configuration_nemotron_h import NemotronHConfig
 
+from .defaults_twotower import BLOCK_SIZE, MASK_TOKEN_ID
+
 
 @strict
 class TwoTowerConfig(NemotronHConfig):
@@ -29,8 +31,8 @@ class TwoTowerConfig(NemotronHConfig):
 
     model_type = "twotower"
 
-    mask_token_id: int = 3
-    block_size: int = 16
+    mask_token_id: int = MASK_TOKEN_ID
+    block_size: int = BLOCK_SIZE
     time_embedding_size: int = 256
     time_embedding_scale: float | int = 1000.0
     freeze_context_tower: bool = True

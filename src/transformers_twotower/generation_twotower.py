@@ -18,28 +18,14 @@ from transformers.utils import logging
 
 from .context_twotower import check_left_padded, check_prompt_ids
 from .decoding_twotower import StaticSteps, decode_state
+from .defaults_twotower import GENERATION_MODES, MODEL_GENERATION_DEFAULTS, RELEASE_FUNCTION_THRESHOLD
+from .defaults_twotower import TWOTOWER_GENERATION_DEFAULTS as TWOTOWER_DEFAULTS
 from .sampling_twotower import commit_mask, predict_tokens
 
 
 logger = logging.get_logger(__name__)
 
 
-GENERATION_MODES = ("mask_diffusion", "mock_ar", "ar")
-
-# TwoTower's own generation fields, and the defaults `generate` uses where neither the caller nor the model's
-# generation config sets them.
-TWOTOWER_DEFAULTS = {
-    "generation_mode": "mask_diffusion",
-    "block_size": 16,
-    "steps_per_block": 16,
-    "confidence_threshold": 0.8,
-    "mask_token_id": 3,
-    "output_history": False,
-    "keep_eos_block": False,
-    "compile": False,
-}
-# A model's defaults on top of them: 128 new tokens, greedy.
-MODEL_DEFAULTS = {**TWOTOWER_DEFAULTS, "max_new_tokens": 128, "do_sample": False}
 # The GenerationConfig fields this `generate` reads (docs/generation.md, "Controls"). Any other field set to something
 # other than its default raises, instead of being ignored; `num_beams` and `use_cache` are checked on their own.
 SUPPORTED_FIELDS = frozenset(
@@ -123,7 +109,7 @@ class TwoTowerGenerationConfig(GenerationConfig):
 
     @staticmethod
     def _get_default_generation_params() -> dict:
-        return {**GenerationConfig._get_default_generation_params(), **MODEL_DEFAULTS}
+        return {**GenerationConfig._get_default_generation_params(), **MODEL_GENERATION_DEFAULTS}
 
     @classmethod
     def from_model_config(cls, model_config) -> "TwoTowerGenerationConfig":
@@ -132,7 +118,7 @@ class TwoTowerGenerationConfig(GenerationConfig):
         Every value is written out, so that callers who fill in unset knobs (the text-generation pipeline samples by
         default) find them set, and `GenerationConfig.from_pretrained` reads the TwoTower fields back.
         """
-        values = dict(MODEL_DEFAULTS)
+        values = dict(MODEL_GENERATION_DEFAULTS)
         for name in ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id", "block_size"):
             if getattr(model_config, name, None) is not None:
                 values[name] = getattr(model_config, name)
