@@ -11,7 +11,12 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from transformers_twotower import TwoTowerCache, TwoTowerContextTower, TwoTowerGenerationConfig
+from transformers_twotower import (
+    TwoTowerCache,
+    TwoTowerContextTower,
+    TwoTowerGenerationConfig,
+    generation_loops_twotower,
+)
 
 
 MODES = ["mask_diffusion", "mock_ar", "ar"]
@@ -78,6 +83,16 @@ def test_finished_rows_stop_costing_forwards(model):
 # --- caches -------------------------------------------------------------------------------------------------------
 
 
+class EveryRowDecoder(generation_loops_twotower.CacheDecoder):
+    """The reference for idle rows: every row runs every step, and no row leaves the cache."""
+
+    def denoise(self, block, t, active, num_active, positions):
+        return self.model.denoise_step(block, self.cache, t, positions=positions)
+
+    def leave(self, finished):
+        pass
+
+
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
 def test_idle_rows_are_not_computed_and_change_nothing(model, monkeypatch, sampled):
     """Rows whose block is complete are left out of the denoiser's forward, and finished rows leave the cache (both
@@ -107,12 +122,14 @@ def test_idle_rows_are_not_computed_and_change_nothing(model, monkeypatch, sampl
     monkeypatch.setattr(type(model), "extend_context", counted_extend)
     runs = {}
     for skip in (False, True):
-        monkeypatch.setattr(type(model), "_skip_idle_rows", skip)
-        computed.update(denoiser=0, context=0)
-        out = model.generate(
-            ids, attention_mask=mask, return_dict_in_generate=True, generator=torch.Generator().manual_seed(1),
-            **kwargs,
-        )  # fmt: skip
+        with monkeypatch.context() as patch:
+            if not skip:
+                patch.setattr(generation_loops_twotower, "CacheDecoder", EveryRowDecoder)
+            computed.update(denoiser=0, context=0)
+            out = model.generate(
+                ids, attention_mask=mask, return_dict_in_generate=True, generator=torch.Generator().manual_seed(1),
+                **kwargs,
+            )  # fmt: skip
         runs[skip] = (out, dict(computed))
     (plain, plain_rows), (skipping, skipped_rows) = runs[False], runs[True]
     assert torch.equal(skipping.sequences, plain.sequences) and torch.equal(skipping.nfe, plain.nfe)

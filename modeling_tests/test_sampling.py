@@ -4,7 +4,7 @@ import torch
 from transformers import PretrainedConfig
 
 from transformers_twotower import TwoTowerGenerationMixin
-from transformers_twotower.generation_twotower import TwoTowerGenerationConfig
+from transformers_twotower.generation_config_twotower import TwoTowerGenerationConfig
 from transformers_twotower.sampling_twotower import commit_mask, num_to_commit, predict_tokens
 
 

@@ -1,13 +1,9 @@
 """Training: the block-wise masked-diffusion loss against inference, its masking, and what it trains."""
 
+import dataclasses
+
 import torch
-from conftest import left_pad, tiny_model
-
-
-def clean_ids(model, batch, length, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    # Ids >= 4 avoid the special ids (mask is 3).
-    return torch.randint(4, model.config.vocab_size, (batch, length), generator=generator)
+from conftest import clean_ids, left_pad, tiny_model
 
 
 def test_one_pass_training_context_equals_reading_the_sequence_block_by_block(model):
@@ -116,8 +112,9 @@ def test_loss_trains_the_denoiser_only_and_goes_down():
 
 
 def test_blockwise_attention_gives_the_dense_masks_loss_and_gradients(monkeypatch):
-    """Training attends block by block with no (N, 2N) mask; the dense mask stays as the reference. Same loss and
-    gradients within 1e-5 on the release fixture, with left padding, -100 labels and a partial last block."""
+    """Training attends block by block with no (N, 2N) mask; `dense_context` below, a dense mask over the same keys,
+    is the reference. Same loss and gradients within 1e-5 on the release fixture, with left padding, -100 labels and
+    a partial last block."""
     from conftest import RELEASE_FIXTURE
 
     from transformers_twotower import TwoTowerContextTower, TwoTowerForDiffusionLM
@@ -132,10 +129,22 @@ def test_blockwise_attention_gives_the_dense_masks_loss_and_gradients(monkeypatc
 
     training_context = TwoTowerContextTower.training_context
 
+    def dense_context(tower, input_ids, attention_mask, block_size):
+        """The blockwise context with a dense `(B, 1, N, 2N)` additive mask instead: block `b`'s queries see the
+        context keys `< b * S` and their own block, real positions only."""
+        context = training_context(tower, input_ids, attention_mask, block_size)
+        length = input_ids.shape[1]
+        block_of = torch.arange(length) // block_size
+        sees_context = torch.arange(length)[None, :] < (block_of * block_size)[:, None]
+        sees_block = block_of[None, :] == block_of[:, None]
+        real = attention_mask.bool().repeat(1, 2)  # the context's keys, then the blocks' keys
+        visible = torch.cat([sees_context, sees_block], dim=1)[None] & real[:, None, :]
+        dtype = next(iter(context.keys.values())).dtype
+        mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)[:, None]
+        return dataclasses.replace(context, attention_mask=mask, blockwise=False, key_padding=None)
+
     def run(dense: bool):
-        monkeypatch.setattr(
-            TwoTowerContextTower, "training_context", lambda *a, **kw: training_context(*a, **kw, dense=dense)
-        )
+        monkeypatch.setattr(TwoTowerContextTower, "training_context", dense_context if dense else training_context)
         model.zero_grad(set_to_none=True)
         loss = model(ids, attention_mask=mask, labels=labels, noise_mask=noise).loss
         loss.backward()

@@ -5,12 +5,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .configuration_twotower import TwoTowerConfig
 from .context_twotower import DenoiserContext, TwoTowerCache, TwoTowerContextTower
 from .denoiser_twotower import TwoTowerDenoiser
-from .generation_twotower import (
-    DiffusionStep,
-    TwoTowerGenerationConfig,
-    TwoTowerGenerationMixin,
-    TwoTowerGenerationOutput,
-)
+from .generation_config_twotower import DiffusionStep, TwoTowerGenerationConfig, TwoTowerGenerationOutput
+from .generation_twotower import TwoTowerGenerationMixin
 from .modeling_twotower import TwoTowerForDiffusionLM, TwoTowerPreTrainedModel, two_tower_device_map
 
 

@@ -3,7 +3,7 @@ through `huggingface_hub`'s `ModelCardData`."""
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .generation_twotower import MODEL_DEFAULTS
+from .defaults_twotower import MODEL_GENERATION_DEFAULTS as MODEL_DEFAULTS
 
 
 TAGS = ["twotower", "diffusion", "block-diffusion", "nemotron-h", "mamba2", "mixture-of-experts"]

@@ -1,12 +1,13 @@
 """The context tower and the context it writes (docs/architecture.md, "The context tower" and "Caches").
 
-The context tower is the frozen autoregressive backbone with its head. It is the only writer of a `TwoTowerCache`:
+The context tower is the frozen autoregressive backbone with its head. It computes everything a `TwoTowerCache`
+holds (generation only drops finished rows from it, with `keep_rows`):
 
 - `prefill` reads left-padded prompts, `extend` appends committed tokens (the prefix is never recomputed);
 - `training_context` reads a whole clean training sequence, block after block;
-- both hand the denoiser a read-only `DenoiserContext`, built by one function, `denoiser_view`: at inference one
-  noisy block per row after the whole cache, in training every block of the sequence, block `b` after the clean
-  context `< b * S`.
+- both hand the denoiser a `DenoiserContext` (it never writes the context's positions), built by one function,
+  `denoiser_view`: at inference one noisy block per row after the whole cache, in training every block of the
+  sequence, block `b` after the clean context `< b * S`.
 
 "Behind" names one concept: the context as it was one token earlier (K/V without the last position, the Mamba
 states before the last token). Mock-AR reads it; `keep_behind` decides whether the cache keeps those states.
@@ -33,7 +34,8 @@ MambaStates = dict[int, tuple[torch.Tensor, torch.Tensor]]  # {layer: (conv_stat
 
 @dataclass
 class DenoiserContext:
-    """The denoiser's read-only view of a context, per layer index.
+    """The denoiser's view of a context, per layer index. It reads the context; at inference each step writes its
+    block's K/V into the tail of `joint_keys` / `joint_values` (never into the context positions).
 
     - `keys`, `values`: attention layers' context K/V, `(B, kv_heads, T, head_dim)`;
     - `conv_history`: Mamba layers' last `conv_kernel - 1` raw `xBC` columns before each block,
@@ -133,7 +135,6 @@ def denoiser_view(
     context_ends: list[int],
     block_length: int,
     block_mask: torch.Tensor | None = None,
-    dense: bool = True,
 ) -> DenoiserContext:
     """The denoiser's view of a context for `nb = len(context_ends)` noisy blocks per row (one function for inference
     and training).
@@ -142,7 +143,7 @@ def denoiser_view(
     states each block's scans start from; context_mask `(B, T)`: 1 for real context tokens; context_ends: per block,
     how many context positions it sees (block `b` sees keys `< context_ends[b]`); block_mask `(B, nb * L)`: 1 for real
     block positions (None: all real). Block queries also see every real position of their own block, and nothing of
-    the other blocks. Several blocks get the blockwise form (no dense mask) unless `dense`, the reference.
+    the other blocks. Several blocks get the blockwise form (no dense mask); one block, a mask over its keys.
     """
     num_blocks = len(context_ends)
     context_real = context_mask.bool()
@@ -151,19 +152,17 @@ def denoiser_view(
         block_real = block_mask.bool()
     key_real = torch.cat([context_real, block_real], dim=1)  # (B, T + Q)
     dtype = next(iter(keys.values())).dtype if keys else torch.float32
-    if num_blocks > 1 and not dense:
+    if num_blocks > 1:
         key_padding = None if key_real.all() else additive_mask(key_real, dtype)
         return DenoiserContext(keys, values, conv_history, ssm_states, None, num_blocks, True, key_padding)
 
     mask = None
-    if num_blocks > 1 or not key_real.all():
+    if not key_real.all():
         device, length = context_real.device, context_real.shape[1]
-        block_of = torch.arange(num_blocks * block_length, device=device) // block_length  # (Q,)
-        ends = torch.tensor(context_ends, device=device)[block_of]  # (Q,)
-        sees_context = torch.arange(length, device=device)[None, :] < ends[:, None]  # (Q, T)
-        sees_block = block_of[None, :] == block_of[:, None]  # (Q, Q)
-        visible = torch.cat([sees_context, sees_block], dim=1)[None]  # (1, Q, T + Q)
-        mask = additive_mask((visible & key_real[:, None, :])[:, None], dtype)  # (B, 1, Q, T + Q)
+        sees_context = torch.arange(length, device=device)[None, :] < context_ends[0]  # (1, T)
+        sees_block = torch.ones(block_length, block_length, dtype=torch.bool, device=device)
+        visible = torch.cat([sees_context.expand(block_length, -1), sees_block], dim=1)[None]  # (1, L, T + L)
+        mask = additive_mask((visible & key_real[:, None, :])[:, None], dtype)  # (B, 1, L, T + L)
     return DenoiserContext(keys, values, conv_history, ssm_states, mask, num_blocks)
 
 
@@ -178,7 +177,8 @@ class TwoTowerCache(DynamicCache):
       does not keep them (a one-pass prefill, or a multi-token extension);
     - `num_context_tokens`: how many token columns the context tower has processed into this cache.
 
-    Only `TwoTowerContextTower` writes it; the denoiser reads it through `denoiser_context`.
+    `TwoTowerContextTower` writes it, and generation drops finished rows from it (`keep_rows`); the denoiser reads it
+    through `denoiser_context`.
     """
 
     def __init__(self, config: TwoTowerConfig):
@@ -358,12 +358,12 @@ class TwoTowerContextTower(TwoTowerPreTrainedModel, NemotronHModel):
     @torch.compiler.disable  # bookkeeping around one pass; the pass itself is Nemotron-H's forward
     @torch.no_grad()
     def training_context(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, block_size: int, dense: bool = False
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, block_size: int
     ) -> DenoiserContext:
         """Read a clean sequence `(B, nb * S)` in one causal pass, keeping what every block's denoiser pass needs: all
         K/V, and the Mamba states at the start of every block (recorded by the Mamba mixers during the pass). Block
-        `b` sees context positions `< b * S`: blockwise, or through a dense (nb * S, 2 * nb * S) mask with `dense`
-        (the reference the tests compare with)."""
+        `b` sees context positions `< b * S` (blockwise attention: no dense mask; the tests hold the dense
+        reference)."""
         num_blocks = input_ids.shape[1] // block_size
         cache = TwoTowerCache(self.config)
         cache.block_size = block_size
@@ -373,9 +373,7 @@ class TwoTowerContextTower(TwoTowerPreTrainedModel, NemotronHModel):
         conv_history = {i: conv.flatten(0, 1) for i, (conv, _) in cache.block_starts.items()}  # (B * nb, ...)
         ssm_states = {i: ssm.flatten(0, 1) for i, (_, ssm) in cache.block_starts.items()}
         ends = [b * block_size for b in range(num_blocks)]
-        return denoiser_view(
-            keys, values, conv_history, ssm_states, attention_mask, ends, block_size, attention_mask, dense
-        )
+        return denoiser_view(keys, values, conv_history, ssm_states, attention_mask, ends, block_size, attention_mask)
 
     def zero_mamba_states(self, batch_size: int, device: torch.device) -> MambaStates:
         """The Mamba states of an empty context, on `device` (weights may be offloaded, so not theirs)."""
