@@ -9,7 +9,7 @@
 See docs/architecture.md ("The backbone", "Context-seeded Mamba").
 """
 
-import inspect
+import importlib
 import math
 
 import torch
@@ -30,20 +30,19 @@ from transformers.models.nemotron_h.modeling_nemotron_h import (
 from .configuration_twotower import TwoTowerConfig
 
 
-def uses_package_kernel(function) -> bool:
-    """Whether transformers bound one of Nemotron-H's kernelized functions to its package (mamba-ssm,
-    causal-conv1d) rather than to its torch fallback. Read from the wrapper transformers builds; if that ever changes
-    shape, the answer is True, which only costs the short-block shortcuts below, never exactness."""
+def package_provides(module: str, name: str) -> bool:
+    """Whether `module` imports and defines `name`. transformers binds Nemotron-H's kernelized functions to their
+    packages under the same condition (otherwise to its torch fallbacks), so this tells which path a call takes."""
     try:
-        return bool(inspect.getclosurevars(function).nonlocals.get("is_new_implementation", True))
-    except (TypeError, ValueError):
-        return True
+        return callable(getattr(importlib.import_module(module), name, None))
+    except Exception:  # a package that fails to import is one transformers falls back from as well
+        return False
 
 
 # Without the packages, a block no longer than a chunk (every denoiser step, every block extension) is cheaper on
 # the shortcuts below than through the torch fallbacks (docs/architecture.md, "Speed"); with them, the kernels.
-SHORT_BLOCK_CONV = not uses_package_kernel(causal_conv1d_fn)
-SHORT_BLOCK_SCAN = not uses_package_kernel(mamba2_chunk_scan)
+SHORT_BLOCK_CONV = not package_provides("causal_conv1d", "causal_conv1d_fn")
+SHORT_BLOCK_SCAN = not package_provides("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
 
 
 def short_causal_conv(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, length: int):
@@ -109,37 +108,48 @@ class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
         # transformers clamps dt from below at `time_step_min`; the release clamps with `time_step_limit` ([0, inf]).
         self.time_step_limit = tuple(config.time_step_limit)
 
-    @force_accelerate_hooks("conv1d")  # the conv weight is read directly, not through `conv1d`'s forward
+    @property
+    def ssm_decay_rates(self) -> torch.Tensor:
+        """`A` `(heads,)`, fp32: the state decays by `exp(dt * A)` per token."""
+        return -torch.exp(self.A_log.float())
+
     def seeded_scan(
         self,
         hidden_states: torch.Tensor,
         conv_history: torch.Tensor,
         ssm_state: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        block_size: int | None = None,
-    ) -> tuple[torch.Tensor, ...]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the mixer over a block that continues a sequence whose Mamba state is given.
 
         hidden_states: (B, L, H); conv_history: (B, conv_dim, K - 1), the last raw xBC inputs before the block;
         ssm_state: (B, heads, hd, N); attention_mask (B, L): 0 at left padding, which then contributes nothing.
         Returns the output (B, L, H) and the state after the block: the last K raw xBC inputs (B, conv_dim, K) and
-        the SSM state (B, heads, hd, N), fp32. With `block_size`, also the state at the start of every block of that
-        size: conv histories (B, nb, conv_dim, K - 1) and SSM states (B, nb, heads, hd, N).
+        the SSM state (B, heads, hd, N), fp32.
         """
+        gate, conv_inputs, x, dt, B, C = self.scan_inputs(hidden_states, conv_history, attention_mask)
+        y, state = self.scan_from(x, dt, B, C, ssm_state)
+        return self.gated_output(y, gate, hidden_states.dtype), conv_inputs[..., -self.conv_kernel_size :], state
+
+    # The three parts of Nemotron-H's torch path (`NemotronHMamba2Mixer.forward`), for a block after a given state.
+    # Lines marked `TwoTower:` differ from it.
+
+    @force_accelerate_hooks("conv1d")  # the conv weight is read directly, not through `conv1d`'s forward
+    def scan_inputs(self, hidden_states, conv_history, attention_mask=None) -> tuple[torch.Tensor, ...]:
+        """Projection and causal conv. Returns the gate (B, L, I), the raw conv inputs with the history before them
+        (B, conv_dim, K - 1 + L), and the scan's fp32 inputs: x (B, L, heads, hd), dt (B, L, heads), B and C
+        (B, L, groups, N)."""
         batch_size, length, _ = hidden_states.shape
         gate, xBC, dt = self.in_proj(hidden_states).split(
             [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1
         )
-
-        # 1. Causal conv over [history | block]; keep the block's outputs. The given state may live on another
-        # device (the context tower's): it moves to this layer.
+        # TwoTower: the conv runs over [history | block], the history given (it may live on the context tower's
+        # device), instead of over the cache's conv state.
         history = conv_history.to(device=xBC.device, dtype=xBC.dtype)
         conv_inputs = torch.cat([history, xBC.transpose(1, 2)], dim=-1)  # (B, conv_dim, K - 1 + L)
-        # Compiled, a short block always takes the torch forms: inductor fuses them, and the packages' kernels would
-        # break the graph.
-        short = length <= self.chunk_size
-        compiling = torch.compiler.is_compiling()
-        if short and (SHORT_BLOCK_CONV or compiling):
+        # TwoTower: a short block takes the per-tap form without the package, and always when compiled (inductor
+        # fuses it; the package's kernel would break the graph).
+        if length <= self.chunk_size and (SHORT_BLOCK_CONV or torch.compiler.is_compiling()):
             xBC = self.act(short_causal_conv(conv_inputs, self.conv1d.weight.squeeze(1), self.conv1d.bias, length))
         else:
             xBC = causal_conv1d_fn(
@@ -148,62 +158,69 @@ class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
         xBC = apply_mask_to_padding_states(xBC.transpose(1, 2), attention_mask)  # (B, L, conv_dim)
         groups_state = self.n_groups * self.ssm_state_size
         x, B, C = xBC.split([self.intermediate_size, groups_state, groups_state], dim=-1)
-        x = x.float().reshape(batch_size, length, self.num_heads, self.head_dim)
-        B = B.float().reshape(batch_size, length, self.n_groups, self.ssm_state_size)
-        C = C.float().reshape(batch_size, length, self.n_groups, self.ssm_state_size)
-
-        # 2. SSM scan in fp32. The scan is linear in its state: scan(x; h0) = scan(x; 0) + h0 decayed and read by C.
-        # So the chunked kernel always starts from zero (it has been reported wrong with an initial state and a
-        # block shorter than its chunk) and the given state enters exactly, in closed form. Without the kernel, a
-        # short block is one quadratic form with the state folded in.
+        # TwoTower: dt is computed here, clamped with the release's `time_step_limit`; everything after is fp32.
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.time_step_limit)  # (B, L, heads)
-        A = -torch.exp(self.A_log.float())  # (heads,)
+        return (
+            gate,
+            conv_inputs,
+            x.float().reshape(batch_size, length, self.num_heads, self.head_dim),
+            dt,
+            B.float().reshape(batch_size, length, self.n_groups, self.ssm_state_size),
+            C.float().reshape(batch_size, length, self.n_groups, self.ssm_state_size),
+        )
+
+    def scan_from(self, x, dt, B, C, ssm_state) -> tuple[torch.Tensor, torch.Tensor]:
+        """The SSD scan from `ssm_state` (B, heads, hd, N), fp32: the output y (B, L, heads, hd) and the final state.
+
+        The scan is linear in its state: scan(x; h0) = scan(x; 0) + h0 decayed and read by C. So the chunked kernel
+        always starts from zero (it has been reported wrong with an initial state and a block shorter than its
+        chunk) and the given state enters exactly, in closed form. Without the kernel, a short block is one
+        quadratic form with the state folded in."""
+        A, D = self.ssm_decay_rates, self.D.float()
         h0 = ssm_state.to(device=x.device, dtype=torch.float32)
-        heads_per_group = self.num_heads // self.n_groups
-        if short and (SHORT_BLOCK_SCAN or compiling):
-            y, final_state = one_chunk_scan(x, dt, A, B, C, self.D.float(), h0)
-        else:
-            y, zero_start_state = mamba2_chunk_scan(
-                x.contiguous(),
-                dt.contiguous(),
-                A,
-                B.contiguous(),
-                C.contiguous(),
-                chunk_size=self.chunk_size,
-                D=self.D.float(),
-                return_final_states=True,
-            )  # (B, L, heads, hd), (B, heads, hd, N)
-            decay = torch.exp(torch.cumsum(dt * A, dim=1))  # (B, L, heads): decay of h0 up to and including step t
-            C_heads = C.repeat_interleave(heads_per_group, dim=2)  # (B, L, heads, N)
-            y = y + torch.einsum("blhn,bhpn->blhp", C_heads, h0) * decay[..., None]
-            final_state = zero_start_state + decay[:, -1, :, None, None] * h0
+        if x.shape[1] <= self.chunk_size and (SHORT_BLOCK_SCAN or torch.compiler.is_compiling()):  # TwoTower
+            return one_chunk_scan(x, dt, A, B, C, D, h0)
+        y, zero_start_state = mamba2_chunk_scan(
+            x.contiguous(), dt.contiguous(), A, B.contiguous(), C.contiguous(), chunk_size=self.chunk_size, D=D,
+            return_final_states=True,
+        )  # TwoTower: no `initial_states`, dt already final  # fmt: skip
+        # TwoTower: the given state, decayed up to and including each step and read by C.
+        decay = torch.exp(torch.cumsum(dt * A, dim=1))  # (B, L, heads)
+        C_heads = C.repeat_interleave(self.num_heads // self.n_groups, dim=2)  # (B, L, heads, N)
+        y = y + torch.einsum("blhn,bhpn->blhp", C_heads, h0) * decay[..., None]
+        return y, zero_start_state + decay[:, -1, :, None, None] * h0
 
-        # 3. Gated group norm, output projection.
-        y = self.norm(y.reshape(batch_size, length, -1), gate)
-        out = self.out_proj(y.to(hidden_states.dtype))
-        outputs = (out, conv_inputs[..., -self.conv_kernel_size :], final_state)
-        if block_size is None:
-            return outputs
+    def gated_output(self, y: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Nemotron-H's gated group norm and output projection: y (B, L, heads, hd) -> (B, L, H)."""
+        return self.out_proj(self.norm(y.flatten(2), gate).to(dtype))
 
-        # 4. The state at every block start. Conv: the K - 1 raw inputs before it. SSM: block j's own contribution,
-        # s_j = sum_t exp(a_{t+1} + ... + a_end) dt_t x_t B_t^T with a = dt A, then h_{j+1} = exp(a_block j) h_j + s_j.
-        num_blocks = length // block_size
-        kernel = self.conv_kernel_size
-        conv_starts = torch.stack(
-            [conv_inputs[..., b * block_size : b * block_size + kernel - 1] for b in range(num_blocks)], dim=1
-        )  # (B, nb, conv_dim, K - 1)
-        blocked = lambda t: t[:, : num_blocks * block_size].unflatten(1, (num_blocks, block_size))  # noqa: E731
-        a = blocked(dt * A)  # (B, nb, S, heads)
-        cumulative = torch.cumsum(a, dim=2)
-        to_block_end = torch.exp(cumulative[:, :, -1:] - cumulative)  # (B, nb, S, heads)
-        B_heads = blocked(B).repeat_interleave(heads_per_group, dim=3)  # (B, nb, S, heads, N)
-        own = torch.einsum("bcsh,bcshp,bcshn->bchpn", to_block_end * blocked(dt), blocked(x), B_heads)
-        block_decay = torch.exp(cumulative[:, :, -1])  # (B, nb, heads)
-        ssm_starts, state = [], h0
-        for b in range(num_blocks):
-            ssm_starts.append(state)
-            state = block_decay[:, b, :, None, None] * state + own[:, b]
-        return outputs + ((conv_starts, torch.stack(ssm_starts, dim=1)),)
+
+def block_start_states(
+    conv_inputs, x, dt, A, B, h0, block_size: int, kernel: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Mamba state at the start of every block of a scan (what `scan_inputs` and `scan_from` computed over a whole
+    sequence from state h0), for training: each block's denoiser scan starts from it.
+
+    Conv: the K - 1 raw inputs before each block start, (B, nb, conv_dim, K - 1). SSM: block j's own contribution
+    s_j = sum_t exp(a_{t+1} + ... + a_end) dt_t x_t B_t^T with a = dt A, then h_{j+1} = exp(a_block j) h_j + s_j;
+    (B, nb, heads, hd, N).
+    """
+    num_blocks = x.shape[1] // block_size
+    conv_starts = torch.stack(
+        [conv_inputs[..., b * block_size : b * block_size + kernel - 1] for b in range(num_blocks)], dim=1
+    )
+    blocked = lambda t: t[:, : num_blocks * block_size].unflatten(1, (num_blocks, block_size))  # noqa: E731
+    a = blocked(dt * A)  # (B, nb, S, heads)
+    cumulative = torch.cumsum(a, dim=2)
+    to_block_end = torch.exp(cumulative[:, :, -1:] - cumulative)  # (B, nb, S, heads)
+    B_heads = blocked(B).repeat_interleave(x.shape[2] // B.shape[2], dim=3)  # (B, nb, S, heads, N)
+    own = torch.einsum("bcsh,bcshp,bcshn->bchpn", to_block_end * blocked(dt), blocked(x), B_heads)
+    block_decay = torch.exp(cumulative[:, :, -1])  # (B, nb, heads)
+    ssm_starts, state = [], h0
+    for b in range(num_blocks):
+        ssm_starts.append(state)
+        state = block_decay[:, b, :, None, None] * state + own[:, b]
+    return conv_starts, torch.stack(ssm_starts, dim=1)
 
 
 class TwoTowerBlock(NemotronHBlock):
@@ -220,4 +237,4 @@ class TwoTowerBlock(NemotronHBlock):
         self.mixer = self.mixer_types[self.block_type](config, layer_idx=layer_idx)
 
 
-__all__ = ["TwoTowerBlock", "TwoTowerMamba2Mixer", "TwoTowerPreTrainedModel"]
+__all__ = ["TwoTowerBlock", "TwoTowerMamba2Mixer", "TwoTowerPreTrainedModel", "block_start_states"]

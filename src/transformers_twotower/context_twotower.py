@@ -25,7 +25,7 @@ from transformers.models.nemotron_h.modeling_nemotron_h import (
     apply_mask_to_padding_states,
 )
 
-from .backbone_twotower import TwoTowerBlock, TwoTowerMamba2Mixer, TwoTowerPreTrainedModel
+from .backbone_twotower import TwoTowerBlock, TwoTowerMamba2Mixer, TwoTowerPreTrainedModel, block_start_states
 from .configuration_twotower import TwoTowerConfig
 
 
@@ -272,11 +272,12 @@ class ContextMamba2Mixer(TwoTowerMamba2Mixer):
             ssm_state = torch.zeros(
                 batch_size, self.num_heads, self.head_dim, self.ssm_state_size, device=hidden_states.device
             )
-            out, _, _, starts = self.seeded_scan(
-                hidden_states, conv_history, ssm_state, attention_mask, block_size=cache_params.block_size
+            gate, conv_inputs, x, dt, B, C = self.scan_inputs(hidden_states, conv_history, attention_mask)
+            y, _ = self.scan_from(x, dt, B, C, ssm_state)
+            cache_params.block_starts[self.layer_idx] = block_start_states(
+                conv_inputs, x, dt, self.ssm_decay_rates, B, ssm_state, cache_params.block_size, self.conv_kernel_size
             )
-            cache_params.block_starts[self.layer_idx] = starts
-            return out
+            return self.gated_output(y, gate, hidden_states.dtype)
         if not cache_params.has_previous_state(self.layer_idx):
             return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
         conv_state = cache_params.get_conv_state(self.layer_idx)
