@@ -1,8 +1,10 @@
 """What the conversion scripts share: streaming safetensors I/O, and the one folder layout they write.
 
-- `list_shards` / `read_tensors`: read a checkpoint shard by shard (safetensors only; nothing is ever unpickled),
-  with errors that name the file at fault.
-- `ShardWriter`: write tensors into shards of a bounded size, then name them and write the index.
+- `list_shards` / `open_shard`: read a checkpoint's shards (safetensors only; nothing is ever unpickled), with errors
+  that name the file at fault.
+- `convert_tensors`: plan the output's shards from the names, shapes and dtypes the source's headers give
+  (`huggingface_hub.split_torch_state_dict_into_shards`, as `save_pretrained` plans them), then fill one output shard
+  at a time, reading each of its tensors by name from the source shards.
 - `atomic_output_dir`: build the result in a temporary folder beside the target and move it into place only when
   everything succeeded, so an interrupted or failed run leaves the target as it was.
 - `saved_tensor_shapes` / `check_keys`: the tensors `save_pretrained` writes for a config (the release's layout: one
@@ -14,7 +16,6 @@
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -23,6 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub.serialization._base import parse_size_to_int  # how save_pretrained reads a shard size
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -33,6 +36,7 @@ from transformers_twotower import TwoTowerConfig, TwoTowerForDiffusionLM
 
 
 INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_PATTERN = "model{suffix}.safetensors"  # model.safetensors, or model-0000i-of-0000n.safetensors
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 KEEP_FP32 = ("e_score_correction_bias",)  # the router's bias stays fp32, as the release and transformers keep it
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -68,10 +72,11 @@ def resolve_dtype(dtype: str) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def cast(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    if dtype is None or not tensor.is_floating_point() or any(k in name for k in KEEP_FP32):
-        return tensor
-    return tensor.to(dtype)
+def output_dtype(name: str, source: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype tensor `name` is written in: `dtype` for floating tensors except `KEEP_FP32`, else its own."""
+    if dtype is None or not source.is_floating_point or any(k in name for k in KEEP_FP32):
+        return source
+    return dtype
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -109,22 +114,19 @@ def list_shards(folder: str | os.PathLike) -> list[Path]:
     raise CheckpointError(f"no safetensors weights in {folder}")
 
 
-def read_tensors(shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of one shard, one at a time (memory-mapped), with a tqdm bar for the shard."""
+@contextmanager
+def open_shard(shard: Path) -> Iterator:
+    """`safe_open` for one shard (random access by name, memory-mapped); any failure reading it names the file."""
     try:
         with safe_open(shard, framework="pt") as handle:
-            for name in tqdm(handle.keys(), desc=shard.name, unit="tensor", leave=False):
-                yield name, handle.get_tensor(name)
+            yield handle
     except (SafetensorError, OSError, RuntimeError) as error:
         raise CheckpointError(f"{shard.name}: corrupt or truncated safetensors file ({error})") from error
 
 
 def shard_keys(shard: Path) -> list[str]:
-    try:
-        with safe_open(shard, framework="pt") as handle:
-            return list(handle.keys())
-    except (SafetensorError, OSError, RuntimeError) as error:
-        raise CheckpointError(f"{shard.name}: corrupt or truncated safetensors file ({error})") from error
+    with open_shard(shard) as handle:
+        return list(handle.keys())
 
 
 def check_index_matches_shards(folder: Path, shards: list[Path]):
@@ -145,64 +147,19 @@ def check_index_matches_shards(folder: Path, shards: list[Path]):
 # Writing
 
 
-def parse_size(size: str | int) -> int:
-    """'5GB' -> bytes (decimal units, like transformers' `max_shard_size`)."""
+def max_shard_bytes(size: str | int) -> int:
+    """`--max-shard-size` in bytes, read as `save_pretrained(max_shard_size=...)` reads it ('5GB', '500MB': decimal
+    units)."""
     if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, flags=re.IGNORECASE)
-    if not match:
+        number = size
+    else:
+        try:
+            number = parse_size_to_int(size)
+        except ValueError:
+            number = 0
+    if number < 1:
         raise CheckpointError(f"cannot read the shard size {size!r}; write it like '5GB' or '500MB'")
-    unit = (match.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    scale.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
-    return int(float(match.group(1)) * scale[unit])
-
-
-class ShardWriter:
-    """Collects tensors and writes a shard whenever the next tensor would take it past `max_shard_bytes`."""
-
-    def __init__(self, folder: Path, max_shard_bytes: int):
-        self.folder = folder
-        self.max_shard_bytes = max_shard_bytes
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffer_bytes = 0
-        self.written: list[tuple[Path, list[str]]] = []
-        self.shapes: dict[str, tuple[torch.Size, torch.dtype]] = {}
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor):
-        if name in self.shapes:
-            raise CheckpointError(f"tensor {name} was produced twice")
-        size = tensor.numel() * tensor.element_size()
-        if self.buffer and self.buffer_bytes + size > self.max_shard_bytes:
-            self.flush()
-        self.buffer[name] = tensor.contiguous()
-        self.buffer_bytes += size
-        self.total_bytes += size
-        self.shapes[name] = (tensor.shape, tensor.dtype)
-
-    def flush(self):
-        if not self.buffer:
-            return
-        path = self.folder / f"shard-{len(self.written):05d}.partial"
-        save_file(self.buffer, path, metadata={"format": "pt"})
-        self.written.append((path, list(self.buffer)))
-        self.buffer, self.buffer_bytes = {}, 0
-
-    def finish(self):
-        """Name the shards `model-0000i-of-0000n.safetensors` (or `model.safetensors`) and write the index."""
-        self.flush()
-        count = len(self.written)
-        if count == 1:
-            self.written[0][0].rename(self.folder / "model.safetensors")
-            return
-        weight_map = {}
-        for i, (path, names) in enumerate(self.written, start=1):
-            final = f"model-{i:05d}-of-{count:05d}.safetensors"
-            path.rename(self.folder / final)
-            weight_map.update(dict.fromkeys(names, final))
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return number
 
 
 @contextmanager
@@ -293,32 +250,80 @@ def write_model_files(work: Path, config: TwoTowerConfig, source: Path, card: st
     (work / "README.md").write_text(card)
 
 
+def stored_spec(handle, name: str) -> tuple[list[int], torch.dtype]:
+    """A stored tensor's shape and dtype, its data left unread (the dtype from an empty slice; a scalar is read)."""
+    piece = handle.get_slice(name)
+    shape = piece.get_shape()
+    return shape, (piece[:0] if shape else piece[...]).dtype
+
+
 def convert_tensors(
     input_dir: Path,
     work: Path,
-    rename,
+    rename: Callable[[str], list[str]],
     expected: dict,
     dtype: torch.dtype | None,
     max_shard_size: str | int,
     what: str,
     new_tensors: dict[str, torch.Tensor] | None = None,
 ):
-    """Stream every source tensor through `rename` (a name -> its output names) into shards in `work`, cast to
-    `dtype`, add `new_tensors` (in `dtype`, else the source's floating dtype), and check the result against
-    `expected` before naming the shards."""
+    """Write into `work` every source tensor under the names `rename` gives it (a `ValueError` from `rename` names a
+    tensor it cannot place), cast to `dtype`, plus `new_tensors` (in `dtype`, else the source's floating dtype).
+
+    Streaming: the output is planned from the source's headers (names, shapes, dtypes), checked against `expected`,
+    split into shards as `save_pretrained` splits a state dict, then written one output shard at a time, each tensor
+    read by name from its source shard. Memory holds one output shard, never the model."""
+    limit = max_shard_bytes(max_shard_size)
     shards = list_shards(input_dir)
     check_index_matches_shards(input_dir, shards)
-    writer = ShardWriter(work, parse_size(max_shard_size))
-    source_dtype = None
+    planned: dict[str, torch.Tensor] = {}  # output name -> a meta tensor of its shape and dtype
+    sources: dict[str, tuple[Path, str]] = {}  # output name -> (source shard, source name)
+    created: dict[str, torch.Tensor] = {}  # output name -> one of `new_tensors`, cast
+
+    def plan(name: str, shape, out_dtype: torch.dtype, where: str = ""):
+        if name in planned:
+            raise CheckpointError(f"{where}tensor {name} was produced twice")
+        planned[name] = torch.empty(shape, dtype=out_dtype, device="meta")
+
+    floating = None  # the source's floating dtype, for `new_tensors`
     for shard in shards:
-        for name, tensor in read_tensors(shard):
-            source_dtype = source_dtype or (tensor.dtype if tensor.is_floating_point() else None)
-            for out_name in rename(name):
-                writer.add(out_name, cast(out_name, tensor, dtype).clone())  # clone: no two names share memory
+        with open_shard(shard) as handle:
+            for name in handle.keys():
+                shape, stored = stored_spec(handle, name)
+                floating = floating or (stored if stored.is_floating_point else None)
+                try:
+                    out_names = rename(name)
+                except ValueError as error:
+                    raise CheckpointError(f"{shard.name}: {error}") from error
+                for out_name in out_names:
+                    plan(out_name, shape, output_dtype(out_name, stored, dtype), f"{shard.name}: {name} -> ")
+                    sources[out_name] = (shard, name)
     for name, tensor in (new_tensors or {}).items():
-        writer.add(name, tensor.to(dtype or source_dtype or torch.float32))
-    check_keys(writer.shapes, expected, what)
-    writer.finish()
+        created[name] = tensor.to(dtype or floating or torch.float32)
+        plan(name, tensor.shape, created[name].dtype)
+    check_keys({name: (t.shape, t.dtype) for name, t in planned.items()}, expected, what)
+
+    split = split_torch_state_dict_into_shards(planned, filename_pattern=WEIGHTS_PATTERN, max_shard_size=limit)
+    for filename, names in tqdm(split.filename_to_tensors.items(), desc="writing", unit="shard", leave=False):
+        save_file(read_planned(names, planned, sources, created), work / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+        (work / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def read_planned(names: list[str], planned: dict, sources: dict, created: dict) -> dict[str, torch.Tensor]:
+    """One output shard's tensors, in their planned dtypes, each source shard opened once. Every tensor is a copy:
+    none shares memory with the memory-mapped source or with another (a source tensor may have two names)."""
+    tensors = {name: created[name].clone() for name in names if name in created}
+    by_shard: dict[Path, list[str]] = {}
+    for name in names:
+        if name in sources:
+            by_shard.setdefault(sources[name][0], []).append(name)
+    for shard, out_names in by_shard.items():
+        with open_shard(shard) as handle:
+            for name in out_names:
+                tensors[name] = handle.get_tensor(sources[name][1]).to(planned[name].dtype, copy=True)
+    return tensors
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -16,13 +16,11 @@ Streams shard by shard, writes atomically, reads safetensors only (see `checkpoi
 
 import argparse
 import math
-import re
 import sys
 from pathlib import Path
 
 import torch
 from checkpoint_io import (
-    CheckpointError,
     add_output_arguments,
     atomic_output_dir,
     convert_tensors,
@@ -35,9 +33,8 @@ from checkpoint_io import (
 
 from transformers_twotower import TwoTowerConfig, TwoTowerGenerationConfig
 from transformers_twotower.card_twotower import model_card as package_model_card
-
-
-BACKBONE = re.compile(r"^(?:backbone|model)\.(?P<rest>.+)$")
+from transformers_twotower.defaults_twotower import BLOCK_SIZE, MASK_TOKEN_ID
+from transformers_twotower.layout_twotower import SCALE_SHIFT_TABLES, T_BLOCK, T_EMBEDDER, backbone_to_towers
 
 
 def time_conditioning(config: TwoTowerConfig, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -46,34 +43,24 @@ def time_conditioning(config: TwoTowerConfig, seed: int = 0) -> dict[str, torch.
     hidden, freq = config.hidden_size, config.time_embedding_size
     std = config.initializer_range
     tensors = {
-        "t_embedder.mlp.0.weight": torch.randn(hidden, freq, generator=generator) * std,
-        "t_embedder.mlp.0.bias": torch.zeros(hidden),
-        "t_embedder.mlp.2.weight": torch.randn(hidden, hidden, generator=generator) * std,
-        "t_embedder.mlp.2.bias": torch.zeros(hidden),
-        "t_block.1.weight": torch.zeros(3 * hidden, hidden),
-        "t_block.1.bias": torch.zeros(3 * hidden),
+        f"{T_EMBEDDER}.mlp.0.weight": torch.randn(hidden, freq, generator=generator) * std,
+        f"{T_EMBEDDER}.mlp.0.bias": torch.zeros(hidden),
+        f"{T_EMBEDDER}.mlp.2.weight": torch.randn(hidden, hidden, generator=generator) * std,
+        f"{T_EMBEDDER}.mlp.2.bias": torch.zeros(hidden),
+        f"{T_BLOCK}.1.weight": torch.zeros(3 * hidden, hidden),
+        f"{T_BLOCK}.1.bias": torch.zeros(3 * hidden),
     }
     identity = torch.stack([torch.zeros(hidden), torch.zeros(hidden), torch.ones(hidden)])  # shift, scale, gate
     for i in range(config.num_hidden_layers):
-        tensors[f"scale_shift_tables.{i}"] = identity.clone()
+        tensors[f"{SCALE_SHIFT_TABLES}.{i}"] = identity.clone()
     return tensors
-
-
-def duplicate_towers(name: str) -> list[str]:
-    """A backbone tensor's names in the TwoTower: under both towers (`backbone.*` / `model.*`), or both heads."""
-    if name == "lm_head.weight":
-        return ["context_lm_head.weight", "lm_head.weight"]
-    match = BACKBONE.match(name)
-    if match is None:
-        raise CheckpointError(f"{name} is not a Nemotron-H backbone tensor (expected backbone.*, model.* or lm_head)")
-    return [f"context_tower.{match['rest']}", f"denoiser_tower.{match['rest']}"]
 
 
 def convert_nemotron_h_to_twotower(
     input_dir,
     output_dir,
-    mask_token_id: int = 3,
-    block_size: int = 16,
+    mask_token_id: int = MASK_TOKEN_ID,
+    block_size: int = BLOCK_SIZE,
     dtype: str = "auto",
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
@@ -87,7 +74,7 @@ def convert_nemotron_h_to_twotower(
     with atomic_output_dir(output_dir, overwrite) as work:
         expected = saved_tensor_shapes(config)
         new_tensors = time_conditioning(config)
-        convert_tensors(input_dir, work, duplicate_towers, expected, target_dtype, max_shard_size, str(input_dir),
+        convert_tensors(input_dir, work, backbone_to_towers, expected, target_dtype, max_shard_size, str(input_dir),
                         new_tensors)  # fmt: skip
         write_model_files(work, config, input_dir, untrained_card(config, input_dir), target_dtype)
     return output_dir
@@ -113,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--input", required=True, help="Nemotron-H checkpoint folder (transformers' nemotron_h layout)"
     )
-    parser.add_argument("--mask-token-id", type=int, default=3)
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--mask-token-id", type=int, default=MASK_TOKEN_ID)
+    parser.add_argument("--block-size", type=int, default=BLOCK_SIZE)
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     return run_conversion(

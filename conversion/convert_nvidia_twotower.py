@@ -37,10 +37,10 @@ from checkpoint_io import (
     saved_tensor_shapes,
     write_model_files,
 )
-from transformers import NemotronHConfig
 
 from transformers_twotower import TwoTowerConfig, TwoTowerGenerationConfig
 from transformers_twotower.card_twotower import model_card as package_model_card
+from transformers_twotower.layout_twotower import release_config_dict
 
 
 def model_card(config: TwoTowerConfig, source: str) -> str:
@@ -92,25 +92,6 @@ def convert_release_to_package(
         write_model_files(work, config, source, model_card(config, str(source)), target_dtype)
 
     return copy_checkpoint(input_dir, output_dir, dtype, max_shard_size, overwrite, package_files)
-
-
-def release_config_dict(config: TwoTowerConfig) -> dict:
-    """The release's `config.json`: the Nemotron-H fields, `model_type: nemotron_h`, the TwoTower architecture.
-
-    NVIDIA's `auto_map` names remote-code files this package does not ship, so it is not written back.
-    """
-    full = config.to_dict()
-    values = {name: full[name] for name in NemotronHConfig.__annotations__ if name in full}
-    values.pop("layers_block_type", None)
-    values.pop("mtp_layers_block_type", None)
-    values.update(
-        model_type="nemotron_h",
-        architectures=["NemotronHTwoTowerForCausalLM"],
-        hybrid_override_pattern=config.hybrid_override_pattern,
-        time_step_limit=list(config.time_step_limit),
-        torch_dtype=str(config.dtype).removeprefix("torch.") if config.dtype is not None else "bfloat16",
-    )
-    return values
 
 
 def convert_package_to_release(

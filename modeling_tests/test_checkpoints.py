@@ -1,6 +1,7 @@
 """Checkpoints: save_pretrained / from_pretrained, the conversion scripts (release <-> package, Nemotron-H ->
 TwoTower), trust_remote_code loading, and the conversions' errors. Every folder has one layout, the release's."""
 
+import ast
 import json
 import os
 import shutil
@@ -73,8 +74,15 @@ PACKAGE_CODE = {
     "configuration_twotower.py",
     "context_twotower.py",
     "decoding_twotower.py",
+    "defaults_twotower.py",
     "denoiser_twotower.py",
+    "generation_arguments_twotower.py",
+    "generation_config_twotower.py",
+    "generation_loops_twotower.py",
+    "generation_rows_twotower.py",
     "generation_twotower.py",
+    "layout_twotower.py",
+    "metrics_twotower.py",
     "modeling_twotower.py",
     "sampling_twotower.py",
 }
@@ -401,10 +409,72 @@ def test_non_empty_output_needs_overwrite(release_copy, tmp_path, capsys):
 def test_an_interrupted_run_leaves_nothing(release_copy, tmp_path, monkeypatch):
     import checkpoint_io
 
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
+    written = []
 
-    monkeypatch.setattr(checkpoint_io.ShardWriter, "finish", interrupt)
+    def interrupt_second_shard(tensors, path, **kwargs):
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        save_file(tensors, path, **kwargs)
+
+    monkeypatch.setattr(checkpoint_io, "save_file", interrupt_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        convert_release_to_package(release_copy, tmp_path / "out")
+        convert_release_to_package(release_copy, tmp_path / "out", max_shard_size="500KB")
+    assert written and list(tmp_path.iterdir()) == []
+
+
+def test_shards_respect_the_size_limit(converted, release_copy, tmp_path):
+    """Each output shard stays under --max-shard-size (unless one tensor alone is larger), the index names every
+    tensor's shard and counts their bytes; under a large limit the weights are one `model.safetensors`."""
+    index = json.loads((converted / "model.safetensors.index.json").read_text())
+    shards = sorted(converted.glob("model-*-of-*.safetensors"))
+    assert set(index["weight_map"].values()) == {p.name for p in shards}
+    total = 0
+    for shard in shards:
+        with safe_open(shard, "pt") as f:
+            sizes = [f.get_slice(k)[...].nbytes for k in f.keys()]
+            assert all(index["weight_map"][k] == shard.name for k in f.keys())
+        assert sum(sizes) <= 500_000 or len(sizes) == 1, (shard.name, sum(sizes))
+        total += sum(sizes)
+    assert index["metadata"]["total_size"] == total
+    single = convert_release_to_package(release_copy, tmp_path / "one", max_shard_size="1GB")
+    assert not (single / "model.safetensors.index.json").exists() and not list(single.glob("model-*"))
+    assert tensor_shapes(single) == tensor_shapes(converted)
+
+
+@pytest.mark.parametrize("size", ["5 parsecs", "GB", "0KB", "-1MB"])
+def test_unreadable_shard_sizes_are_refused(release_copy, tmp_path, capsys, size):
+    assert main(["--input", str(release_copy), "--output", str(tmp_path / "out"), f"--max-shard-size={size}"]) == 1
+    assert f"cannot read the shard size {size!r}" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def code_strings(path: Path) -> list[str]:
+    """The string literals of a Python file, f-string parts included, docstrings left out."""
+    tree = ast.parse(path.read_text())
+    documented = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, documented) and node.body and isinstance(node.body[0], ast.Expr)
+    }
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    ]
+
+
+def test_the_release_names_live_in_the_layout_module_only():
+    """The release's config names and its stored-only tensor prefixes are written in `layout_twotower.py` alone."""
+    from transformers_twotower import layout_twotower as layout
+
+    names = [layout.RELEASE_ARCHITECTURE, layout.RELEASE_AUTO_MAP_MARKER, layout.CONTEXT_HEAD]
+    names += [f"{prefix}." for prefix in layout.TIME_CONDITIONING]
+    root = Path(__file__).parent.parent
+    for path in [*(root / "src" / "transformers_twotower").glob("*.py"), *(root / "conversion").glob("*.py")]:
+        if path.name != "layout_twotower.py":
+            strings = code_strings(path)
+            found = [name for name in names if any(name in string for string in strings)]
+            found += [layout.RELEASE_MODEL_TYPE] if layout.RELEASE_MODEL_TYPE in strings else []
+            assert not found, (path.name, found)

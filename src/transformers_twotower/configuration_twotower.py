@@ -4,6 +4,7 @@ from huggingface_hub.dataclasses import strict
 from transformers.models.nemotron_h.configuration_nemotron_h import NemotronHConfig
 
 from .defaults_twotower import BLOCK_SIZE, MASK_TOKEN_ID
+from .layout_twotower import strip_release_fields
 
 
 @strict
@@ -49,12 +50,8 @@ class TwoTowerConfig(NemotronHConfig):
         return [mapping[char] for char in pattern]
 
     def __post_init__(self, **kwargs):
-        # The release's config.json says `model_type: nemotron_h` and points `auto_map` at NVIDIA's remote code;
-        # neither describes this class, so neither is kept.
-        kwargs.pop("model_type", None)
-        if "NemotronHTwoTower" in str(kwargs.get("auto_map", "")):
-            kwargs.pop("auto_map")
-        super().__post_init__(**kwargs)
+        # The release's config.json loads as it is: its `model_type` and `auto_map` are dropped (`layout_twotower`).
+        super().__post_init__(**strip_release_fields(kwargs))
         self._check_twotower_fields()
 
     def _check_twotower_fields(self):

@@ -14,8 +14,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.core_model_loading import WeightConverter, WeightRenaming
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.utils import can_return_tuple, logging
 
@@ -25,25 +23,14 @@ from .configuration_twotower import TwoTowerConfig
 from .context_twotower import TwoTowerCache, TwoTowerContextTower
 from .denoiser_twotower import TwoTowerDenoiser
 from .generation_twotower import TwoTowerGenerationConfig, TwoTowerGenerationMixin
+from .layout_twotower import register_checkpoint_layout
 
 
 logger = logging.get_logger(__name__)
 
-# Checkpoints keep the release's names and layout; `save_pretrained` reverts these rules, so what it writes is the
-# release's layout again. (1) The modules that own them hold the context head and adaLN-single's parts. (2) The release
-# stores one tensor per MoE expert: transformers' Nemotron-H rules stack them when loading (its `backbone.` ->
-# `model.` rename does not apply to TwoTower's keys).
-register_checkpoint_conversion_mapping(
-    "twotower",
-    [
-        WeightRenaming(r"^context_lm_head\.", "context_tower.lm_head."),
-        WeightRenaming(r"^t_embedder\.", "denoiser_tower.adaln.t_embedder."),
-        WeightRenaming(r"^t_block\.", "denoiser_tower.adaln.t_block."),
-        WeightRenaming(r"^scale_shift_tables\.", "denoiser_tower.adaln.scale_shift_tables."),
-        *[rule for rule in get_checkpoint_conversion_mapping("nemotron_h") if isinstance(rule, WeightConverter)],
-    ],
-    overwrite=True,
-)
+# Checkpoints keep the release's names and layout (`layout_twotower`): `from_pretrained` applies these rules and
+# `save_pretrained` reverts them, so what it writes is the release's layout again.
+register_checkpoint_layout(TwoTowerConfig.model_type)
 
 # LoRA's default targets for `model_type="twotower"`: the denoiser's attention and Mamba projections, never the frozen
 # context tower (PEFT reads a string as a regular expression over module names).
