@@ -10,10 +10,18 @@ from safetensors.torch import load_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers_twotower import TwoTowerConfig, TwoTowerForDiffusionLM  # noqa: E402
+from transformers_twotower.__main__ import DEMO_MODEL  # noqa: E402
 
 
 RELEASE_FIXTURE = Path(__file__).parent / "fixtures" / "twotower_tiny_a"
-EXPECTED_PROMPTS = json.loads((RELEASE_FIXTURE / "expected.json").read_text())["prompts"]
+# What NVIDIA's code recorded on the release fixture (fixtures/twotower_tiny_a/README.txt): prompts, token ids, NFE.
+EXPECTED = json.loads((RELEASE_FIXTURE / "expected.json").read_text())
+EXPECTED_PROMPTS = EXPECTED["prompts"]
+
+# A short run of `generate` on the tiny models: two blocks of 4 tokens, no EOS.
+GENERATE = dict(max_new_tokens=8, block_size=4, steps_per_block=4, eos_token_id=None)
+# Mask diffusion on the tiny models in blocks of 4, with a threshold low enough that a step often commits several.
+DIFFUSION = dict(block_size=4, steps_per_block=4, confidence_threshold=0.3)
 
 
 def tiny_config(**overrides) -> TwoTowerConfig:
@@ -56,6 +64,23 @@ def tiny_model(seed: int = 0, **overrides) -> TwoTowerForDiffusionLM:
         for p in model.denoiser_tower.adaln.t_block.parameters():
             p.normal_(std=0.2)
     return model
+
+
+def load_release(dtype=torch.float32, **kwargs) -> TwoTowerForDiffusionLM:
+    """The tiny release-layout checkpoint, in fp32 unless told otherwise, in eval mode."""
+    return TwoTowerForDiffusionLM.from_pretrained(RELEASE_FIXTURE, dtype=dtype, **kwargs).eval()
+
+
+def clean_ids(model, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Seeded random ids `(batch, length)` from `model`'s vocabulary, clear of the special ids 0-3 (the mask is 3)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(4, model.config.vocab_size, (batch, length), generator=generator)
+
+
+def clean_rows(model, lengths, seed: int = 0) -> list[list[int]]:
+    """Seeded random token lists of the given lengths, drawn one after another, clear of the special ids."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, model.config.vocab_size, (n,), generator=generator).tolist() for n in lengths]
 
 
 def left_pad(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +153,8 @@ def words(ids) -> str:
 
 @pytest.fixture(scope="session")
 def release_model() -> TwoTowerForDiffusionLM:
-    return TwoTowerForDiffusionLM.from_pretrained(RELEASE_FIXTURE, dtype=torch.float32).eval()
+    """Read-only: a test that changes the model loads its own (`load_release`)."""
+    return load_release()
 
 
 @pytest.fixture(scope="session")
@@ -138,7 +164,16 @@ def expected_tensors() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="session")
 def expected() -> dict:
-    return json.loads((RELEASE_FIXTURE / "expected.json").read_text())
+    return EXPECTED
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The demo model bundled with the package (fp32) and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    model = TwoTowerForDiffusionLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(DEMO_MODEL)
 
 
 @pytest.fixture

@@ -2,15 +2,9 @@
 
 import pytest
 import torch
-from conftest import denoiser_as_context_copy, left_pad, nemotron_h_from_context_tower, tiny_model
+from conftest import clean_ids, denoiser_as_context_copy, left_pad, nemotron_h_from_context_tower, tiny_model
 
 from transformers_twotower import TwoTowerCache
-
-
-def clean_ids(model, batch, length, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    # Ids >= 4 avoid the special ids (mask is 3).
-    return torch.randint(4, model.config.vocab_size, (batch, length), generator=generator)
 
 
 def assert_same_context(a: TwoTowerCache, b: TwoTowerCache, atol=1e-5):

@@ -2,15 +2,9 @@
 tower as a module of its own (`model.base_model`)."""
 
 import torch
-from conftest import left_pad
+from conftest import clean_ids, left_pad
 
 from transformers_twotower import TwoTowerDenoiser
-
-
-def clean_ids(model, batch, length, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    # Ids >= 4 avoid the special ids (mask is 3).
-    return torch.randint(4, model.config.vocab_size, (batch, length), generator=generator)
 
 
 def test_every_block_position_sees_every_other(model):
