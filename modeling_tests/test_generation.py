@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from conftest import left_pad, nemotron_h_from_context_tower, tiny_model, word_tokenizer
+from conftest import DIFFUSION, clean_rows, left_pad, nemotron_h_from_context_tower, tiny_model, word_tokenizer
 from transformers import (
-    GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
     StoppingCriteria,
@@ -17,20 +16,12 @@ from transformers_twotower import (
     TwoTowerGenerationConfig,
     generation_loops_twotower,
 )
-
-
-MODES = ["mask_diffusion", "mock_ar", "ar"]
-DIFFUSION = dict(block_size=4, steps_per_block=4, confidence_threshold=0.3)
+from transformers_twotower.defaults_twotower import GENERATION_MODES
 
 
 @pytest.fixture(scope="module")
 def model():
     return tiny_model(seed=3)  # a seed whose diffusion output is not one repeated token
-
-
-def prompts(model, lengths, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(4, model.config.vocab_size, (n,), generator=generator).tolist() for n in lengths]
 
 
 def generated(sequences, prompt_width):
@@ -40,9 +31,9 @@ def generated(sequences, prompt_width):
 # --- batching -----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", GENERATION_MODES)
 def test_batch_equals_each_row_alone(model, mode):
-    rows = prompts(model, [3, 9, 5])
+    rows = clean_rows(model, [3, 9, 5])
     ids, mask = left_pad(rows)
     kwargs = dict(generation_mode=mode, max_new_tokens=10, eos_token_id=None, **DIFFUSION)
     batch = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **kwargs)
@@ -52,9 +43,9 @@ def test_batch_equals_each_row_alone(model, mode):
         assert batch.nfe[i] == alone.nfe[0]
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", GENERATION_MODES)
 def test_eos_is_per_row(model, mode):
-    rows = prompts(model, [4, 7], seed=3)
+    rows = clean_rows(model, [4, 7], seed=3)
     ids, mask = left_pad(rows)
     kwargs = dict(generation_mode=mode, max_new_tokens=12, pad_token_id=0, **DIFFUSION)
     free = model.generate(torch.tensor([rows[0]]), eos_token_id=None, **kwargs)[0, len(rows[0]) :].tolist()
@@ -71,7 +62,7 @@ def test_eos_is_per_row(model, mode):
 
 
 def test_finished_rows_stop_costing_forwards(model):
-    rows = prompts(model, [4, 4], seed=0)
+    rows = clean_rows(model, [4, 4], seed=0)
     ids = torch.tensor(rows)
     free = model.generate(ids, max_new_tokens=12, eos_token_id=None, **DIFFUSION)[:, 4:].tolist()
     eos = next(token for token in free[0][:4] if token not in free[1])  # ends row 0 in its first block only
@@ -97,7 +88,7 @@ class EveryRowDecoder(generation_loops_twotower.CacheDecoder):
 def test_idle_rows_are_not_computed_and_change_nothing(model, monkeypatch, sampled):
     """Rows whose block is complete are left out of the denoiser's forward, and finished rows leave the cache (both
     towers stop computing for them): the tokens, NFE and sampling stream are those of the path that runs every row."""
-    rows = prompts(model, [3, 9, 5, 7, 4, 8, 6, 2], seed=4)
+    rows = clean_rows(model, [3, 9, 5, 7, 4, 8, 6, 2], seed=4)
     ids, mask = left_pad(rows)
     kwargs = dict(generation_mode="mask_diffusion", max_new_tokens=24, pad_token_id=0, **DIFFUSION)
     if sampled:
@@ -143,7 +134,7 @@ def test_idle_rows_are_not_computed_and_change_nothing(model, monkeypatch, sampl
 def test_head_on_masked_positions_only_changes_nothing(model):
     """Without a step callback the head runs on masked positions only; with one, on every position (the callback
     sees every logit). The tokens are the same."""
-    ids, mask = left_pad(prompts(model, [3, 9, 5], seed=2))
+    ids, mask = left_pad(clean_rows(model, [3, 9, 5], seed=2))
     kwargs = dict(max_new_tokens=12, eos_token_id=None, **DIFFUSION)
     records = []
     observed = model.generate(ids, attention_mask=mask, step_callback=records.append, **kwargs)
@@ -152,7 +143,7 @@ def test_head_on_masked_positions_only_changes_nothing(model):
     assert unmasked.any() and (records[-1].logits[unmasked] != 0).any(-1).all()
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", GENERATION_MODES)
 def test_context_is_never_recomputed(model, mode, monkeypatch):
     """Context-tower token columns processed == prompt + everything committed except the last commit (nothing
     reads the context after it). Diffusion builds the denoiser's view of the context once per block."""
@@ -165,7 +156,7 @@ def test_context_is_never_recomputed(model, mode, monkeypatch):
     )
     original_view = TwoTowerCache._build_view
     monkeypatch.setattr(TwoTowerCache, "_build_view", lambda self, *a: views.append(a) or original_view(self, *a))
-    ids = torch.tensor(prompts(model, [6]))
+    ids = torch.tensor(clean_rows(model, [6]))
     out = model.generate(
         ids, generation_mode=mode, max_new_tokens=12, eos_token_id=None, return_dict_in_generate=True, **DIFFUSION
     )
@@ -179,16 +170,16 @@ def test_context_is_never_recomputed(model, mode, monkeypatch):
 
 
 def test_max_new_tokens_need_not_fill_the_last_block(model):
-    ids = torch.tensor(prompts(model, [5]))
+    ids = torch.tensor(clean_rows(model, [5]))
     whole = model.generate(ids, max_new_tokens=8, eos_token_id=None, **DIFFUSION)
     trimmed = model.generate(ids, max_new_tokens=7, eos_token_id=None, **DIFFUSION)
     assert trimmed.shape == (1, 12) and torch.equal(trimmed, whole[:, :12])
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", GENERATION_MODES)
 def test_one_token_prompt(model, mode):
     """A one-token prompt generates what it generates as a row of a batch whose other row is longer (left padding)."""
-    ids, mask = left_pad([[1], prompts(model, [5])[0]])
+    ids, mask = left_pad([[1], clean_rows(model, [5])[0]])
     kwargs = dict(generation_mode=mode, max_new_tokens=5, eos_token_id=None, **DIFFUSION)
     alone = model.generate(ids[:1, -1:], **kwargs)
     batch = model.generate(ids, attention_mask=mask, **kwargs)
@@ -198,7 +189,7 @@ def test_one_token_prompt(model, mode):
 
 def test_ar_mode_equals_transformers_nemotron_h_generate(model):
     reference = nemotron_h_from_context_tower(model)  # the release's dt clamp (none)
-    ids = torch.tensor(prompts(model, [7]))
+    ids = torch.tensor(clean_rows(model, [7]))
     expected = reference.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(model.generate(ids, generation_mode="ar", max_new_tokens=10, eos_token_id=None), expected)
 
@@ -207,7 +198,7 @@ def test_ar_mode_equals_transformers_nemotron_h_generate(model):
 
 
 def test_return_dict_and_history(model):
-    ids = torch.tensor(prompts(model, [5, 5]))
+    ids = torch.tensor(clean_rows(model, [5, 5]))
     out = model.generate(
         ids, max_new_tokens=8, eos_token_id=None, return_dict_in_generate=True, output_history=True, **DIFFUSION
     )
@@ -225,12 +216,12 @@ def test_return_dict_and_history(model):
         assert step.logits.shape == (2, 4, model.config.vocab_size)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", GENERATION_MODES)
 def test_streamer_receives_exactly_the_generated_text(model, mode):
     from transformers import TextIteratorStreamer
 
     tokenizer = word_tokenizer(model.config.vocab_size)
-    ids = torch.tensor(prompts(model, [5]))
+    ids = torch.tensor(clean_rows(model, [5]))
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
     out = model.generate(
         ids, generation_mode=mode, max_new_tokens=10, eos_token_id=None, streamer=streamer, **DIFFUSION
@@ -253,7 +244,7 @@ def test_streamer_chunks_are_blocks(model):
             self.ended = True
 
     recorder = Recorder()
-    ids = torch.tensor(prompts(model, [5]))
+    ids = torch.tensor(clean_rows(model, [5]))
     out = model.generate(ids, max_new_tokens=10, eos_token_id=None, streamer=recorder, **DIFFUSION)
     assert recorder.ended and recorder.chunks[0] == ids.tolist()
     assert [len(c) for c in recorder.chunks[1:]] == [4, 4, 2]
@@ -277,7 +268,7 @@ def test_stopping_criteria_and_logits_processor_work(model):
             forced[:, 7] = 0
             return forced
 
-    ids = torch.tensor(prompts(model, [5]))
+    ids = torch.tensor(clean_rows(model, [5]))
     ar = model.generate(
         ids,
         generation_mode="ar",
@@ -349,7 +340,7 @@ def test_bad_inputs_raise(model):
 
 
 def test_threshold_above_one_is_one_token_per_step(model):
-    ids = torch.tensor(prompts(model, [5]))
+    ids = torch.tensor(clean_rows(model, [5]))
     out = model.generate(
         ids,
         max_new_tokens=8,
@@ -363,8 +354,8 @@ def test_threshold_above_one_is_one_token_per_step(model):
 
 
 def test_sampling_is_seeded(model):
-    ids = torch.tensor(prompts(model, [5]))
-    for mode in MODES:
+    ids = torch.tensor(clean_rows(model, [5]))
+    for mode in GENERATION_MODES:
         kwargs = dict(
             generation_mode=mode,
             do_sample=True,
@@ -394,11 +385,3 @@ def test_generation_config_is_saved_with_the_model(model, tmp_path):
     assert isinstance(loaded.generation_config, TwoTowerGenerationConfig)
     assert (loaded.generation_config.steps_per_block, loaded.generation_config.confidence_threshold) == (8, 0.7)
     assert loaded.generation_config.mask_token_id == 3 and loaded.generation_config.block_size == 4
-
-
-def test_generation_config_round_trip(tmp_path):
-    config = TwoTowerGenerationConfig(generation_mode="mock_ar", steps_per_block=8, confidence_threshold=1.01)
-    config.save_pretrained(tmp_path)
-    loaded = TwoTowerGenerationConfig.from_pretrained(tmp_path)
-    assert (loaded.generation_mode, loaded.steps_per_block, loaded.confidence_threshold) == ("mock_ar", 8, 1.01)
-    assert isinstance(loaded, GenerationConfig)
