@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, word_tokenizer, words
+from conftest import GENERATE, clean_ids, clean_rows, tiny_model, word_tokenizer, words
 
 from transformers_twotower import TwoTowerForDiffusionLM, modeling_twotower, two_tower_device_map
 
@@ -19,13 +19,6 @@ ROOT = HERE.parent
 spec = importlib.util.spec_from_file_location("finetune_denoiser", ROOT / "examples/finetune_denoiser.py")
 finetune = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(finetune)
-
-GENERATE = dict(max_new_tokens=8, block_size=4, steps_per_block=4, eos_token_id=None)
-MODES = ["mask_diffusion", "mock_ar", "ar"]
-
-
-def prompt_ids():
-    return torch.randint(4, 64, (2, 5), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture
@@ -42,8 +35,7 @@ def saved_model(tmp_path):
 
 def test_finetune_script(saved_model, tmp_path):
     model, folder = saved_model
-    generator = torch.Generator().manual_seed(0)
-    lines = [words(torch.randint(4, 64, (10,), generator=generator).tolist()) for _ in range(4)]
+    lines = [words(row) for row in clean_rows(model, [10] * 4)]
     data = tmp_path / "corpus.txt"
     data.write_text("\n".join(lines * 4) + "\n")
     out = tmp_path / "out"
@@ -62,7 +54,7 @@ def test_finetune_script(saved_model, tmp_path):
 
 def test_distillation_rows_are_prompt_and_the_ar_towers_greedy_continuation(saved_model):
     model, _ = saved_model
-    prompts = torch.randint(4, 64, (5, 8), generator=torch.Generator().manual_seed(2))
+    prompts = clean_ids(model, 5, 8, seed=2)
     dataset = finetune.distillation_dataset(model, prompts, new_tokens=6, batch_size=2)
     ar = model.generate(prompts, generation_mode="ar", max_new_tokens=6, eos_token_id=None)
     assert torch.equal(torch.tensor(dataset["input_ids"]), ar)  # the teacher is the model's own AR tower
@@ -74,7 +66,7 @@ def test_distillation_rows_are_prompt_and_the_ar_towers_greedy_continuation(save
 
 def test_agreement_with_ar_is_measured_against_generate(saved_model):
     model, _ = saved_model
-    prompts = torch.randint(4, 64, (3, 8), generator=torch.Generator().manual_seed(3))
+    prompts = clean_ids(model, 3, 8, seed=3)
     report = finetune.agreement_with_ar(model, prompts, new_tokens=8, batch_size=2, threshold=0.3)
     options = dict(max_new_tokens=8, eos_token_id=None, return_dict_in_generate=True)
     ar = model.generate(prompts, generation_mode="ar", **options).sequences[:, 8:]
@@ -92,9 +84,8 @@ def test_distill_script(saved_model, tmp_path, lora):
     """`--distill` end to end, with the Trainer and with PEFT: a report before and after, on held-out prompts that
     were not trained on, and only the denoiser (or its adapters) changed."""
     model, folder = saved_model
-    generator = torch.Generator().manual_seed(0)
     data = tmp_path / "corpus.txt"
-    data.write_text("\n".join(words(torch.randint(4, 64, (20,), generator=generator).tolist()) for _ in range(8)))
+    data.write_text("\n".join(words(row) for row in clean_rows(model, [20] * 8)))
     out = tmp_path / "out"
     flags = ["--model", str(folder), "--data", str(data), "--output", str(out), "--distill", "--prompt-len", "8",
              "--new-tokens", "8", "--eval-prompts", "3", "--max-steps", "4", "--batch-size", "2", "--lr", "3e-3",
@@ -137,7 +128,7 @@ def test_bad_training_input():
     with pytest.raises(ValueError, match="multiple of the model's block_size"):
         finetune.pack_for_diffusion([[5] * 100], seq_len=18, block_size=16)
     model = tiny_model()
-    ids = prompt_ids()
+    ids = clean_ids(model, 2, 5)
     with pytest.raises(ValueError, match="`labels` must have the shape"):
         model(ids, labels=ids[:, :-1])
     with pytest.raises(ValueError, match="`noise_mask` must have the shape"):
@@ -152,7 +143,7 @@ def test_lora_trains_the_adapter_only():
 
     model = get_peft_model(tiny_model(seed=1), LoraConfig(r=4))
     model.train()
-    ids = prompt_ids()
+    ids = clean_ids(model, 2, 5)
     model(input_ids=ids, labels=ids).loss.backward()
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
     assert with_grad and all(".lora_" in name and "denoiser_tower" in name for name in with_grad)
@@ -166,7 +157,7 @@ def test_lora_on_experts_recipe():
     model = get_peft_model(tiny_model(seed=1), config)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("denoiser_tower.layers.2.mixer.experts" in name for name in trainable)
-    ids = prompt_ids()
+    ids = clean_ids(model, 2, 5)
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
@@ -189,13 +180,14 @@ def test_two_tower_device_map(saved_model, tmp_path):
     device_map = two_tower_device_map("cpu", "disk")
     split = TwoTowerForDiffusionLM.from_pretrained(folder, device_map=device_map, offload_folder=tmp_path / "offload")
     assert split.hf_device_map == device_map
-    ids = prompt_ids()
+    ids = clean_ids(model, 2, 5)
     assert torch.equal(split.generate(ids, **GENERATE), model.generate(ids, **GENERATE))
 
 
 # --- several processes ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
     """DDP over 2 CPU processes (gloo) on the same global batch gives the single-process weights (to 1e-6: only the
     order of the gradient all-reduce differs)."""
@@ -213,12 +205,12 @@ def test_two_processes_train_like_one(tmp_path):
         torch.testing.assert_close(distributed[name], single[name], rtol=0, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_finetune_script_under_torchrun(saved_model, tmp_path):
     """The example itself on 2 CPU processes (DDP over gloo), as `torchrun` / `accelerate launch` run it."""
     model, folder = saved_model
-    generator = torch.Generator().manual_seed(0)
     data = tmp_path / "corpus.txt"
-    data.write_text("\n".join(words(torch.randint(4, 64, (10,), generator=generator).tolist()) for _ in range(16)))
+    data.write_text("\n".join(words(row) for row in clean_rows(model, [10] * 16)))
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
@@ -233,6 +225,7 @@ def test_finetune_script_under_torchrun(saved_model, tmp_path):
     assert torch.equal(tuned.context_tower.lm_head.weight, model.context_tower.lm_head.weight)
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_train_like_one_and_save_a_full_checkpoint(tmp_path):
     """FSDP2 over 2 CPU processes (gloo), both towers sharded, gives the single-process weights (to 1e-5), and its
     full checkpoint reloads with `from_pretrained` in the release's layout."""

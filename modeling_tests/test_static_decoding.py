@@ -3,14 +3,13 @@
 import pytest
 import torch
 import torch._dynamo
-from conftest import left_pad, tiny_model
+from conftest import DIFFUSION, clean_rows, left_pad, tiny_model
 from transformers import CompileConfig
 
 from transformers_twotower.decoding_twotower import context_step, decode_state, denoise_step
+from transformers_twotower.defaults_twotower import GENERATION_MODES
 
 
-MODES = ["mask_diffusion", "mock_ar", "ar"]
-DIFFUSION = dict(block_size=4, steps_per_block=4, confidence_threshold=0.3)
 # Dynamo with `fullgraph=True` and no code generation: a graph break or a recompilation shows in its counters.
 TRACE_ONLY = CompileConfig(backend="eager", mode=None, fullgraph=True)
 
@@ -21,8 +20,7 @@ def model():
 
 
 def ragged_batch(model, lengths=(3, 9, 5), seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    return left_pad([torch.randint(4, model.config.vocab_size, (n,), generator=generator).tolist() for n in lengths])
+    return left_pad(clean_rows(model, lengths, seed))
 
 
 def graphs_compiled() -> int:
@@ -67,7 +65,7 @@ def test_mock_ar_step_reads_the_context_one_token_behind(model):
         )
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", GENERATION_MODES)
 def test_compiled_fullgraph_gives_the_eager_tokens_and_never_recompiles(model, mode):
     """Greedy, a ragged left-padded batch, rows ending early at an EOS: the same tokens and NFE as eager. The steps
     compile once each (fullgraph), nothing recompiles across blocks, and a second call compiles nothing."""
@@ -102,6 +100,7 @@ def test_state_is_reused_for_the_same_batch_and_length(model):
         decode_state(model, model.prefill(ids, mask, keep_behind=False), 4, 4, False)
 
 
+@pytest.mark.slow  # inductor's first compile: 10 to 30 s on 2 cores
 def test_inductor_on_cpu_gives_the_eager_tokens():
     """The default CPU compile (inductor, fullgraph): same tokens as eager, on a model of its own (fresh graphs)."""
     model = tiny_model(seed=3)
