@@ -1,19 +1,15 @@
 """Every generation control, row by row as docs/generation.md's "Controls" table gives them: in AR and Mock-AR as a
 stock transformers model applies them, in mask diffusion position by position, or refused by name."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import nemotron_h_from_context_tower, tiny_model
-from transformers import AutoTokenizer, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from conftest import DIFFUSION, clean_ids, nemotron_h_from_context_tower, tiny_model
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation import RepetitionPenaltyLogitsProcessor, StopStringCriteria
 
-from transformers_twotower import TwoTowerForDiffusionLM
+from transformers_twotower.defaults_twotower import GENERATION_MODES
 
 
-DEMO_MODEL = Path(__file__).resolve().parents[1] / "src/transformers_twotower/demo"
-DIFFUSION = dict(block_size=4, steps_per_block=4, confidence_threshold=0.3)
 EOS = 2
 
 
@@ -25,15 +21,6 @@ def model():
 @pytest.fixture(scope="module")
 def stock(model):
     return nemotron_h_from_context_tower(model)
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return TwoTowerForDiffusionLM.from_pretrained(DEMO_MODEL), AutoTokenizer.from_pretrained(DEMO_MODEL)
-
-
-def prompt(length=6, batch=1, seed=0):
-    return torch.randint(4, 64, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 # --- AR: the stock model's tokens, for every processor transformers builds -------------------------------------------
@@ -56,7 +43,7 @@ AR_CONTROLS = {
 @pytest.mark.parametrize("name", AR_CONTROLS)
 def test_ar_equals_the_stock_model(model, stock, name):
     kwargs = {"eos_token_id": None, **AR_CONTROLS[name]}
-    ids = prompt(batch=2)
+    ids = clean_ids(model, 2, 6)
     torch.manual_seed(0)
     expected = stock.generate(ids, max_new_tokens=12, pad_token_id=0, **kwargs)
     torch.manual_seed(0)
@@ -67,7 +54,7 @@ def test_ar_equals_the_stock_model(model, stock, name):
 
 
 def test_ar_scores_and_logits_equal_the_stock_model(model, stock):
-    ids = prompt(batch=2)
+    ids = clean_ids(model, 2, 6)
     kwargs = dict(max_new_tokens=6, eos_token_id=None, repetition_penalty=1.5, return_dict_in_generate=True)
     expected = stock.generate(ids, pad_token_id=0, output_scores=True, output_logits=True, **kwargs)
     got = model.generate(ids, generation_mode="ar", output_scores=True, output_logits=True, **kwargs)
@@ -85,7 +72,7 @@ def test_ar_scores_and_logits_equal_the_stock_model(model, stock):
 
 
 def test_mock_ar_applies_the_configured_processors(model):
-    ids = prompt()
+    ids = clean_ids(model, 1, 6)
     kwargs = dict(generation_mode="mock_ar", max_new_tokens=10, eos_token_id=None)
     plain = model.generate(ids, **kwargs)
     by_config = model.generate(ids, repetition_penalty=3.0, **kwargs)
@@ -103,7 +90,7 @@ def test_mock_ar_applies_the_configured_processors(model):
 def test_diffusion_repetition_penalty_matches_a_slow_reference(model):
     """Every committed token is the argmax of its position's penalised distribution, the penalty over the context and
     the block's committed tokens as they stood at that step."""
-    ids, penalty = prompt(), 2.0
+    ids, penalty = clean_ids(model, 1, 6), 2.0
     steps = []
     out = model.generate(
         ids, max_new_tokens=8, eos_token_id=None, repetition_penalty=penalty, step_callback=steps.append, **DIFFUSION
@@ -126,7 +113,7 @@ def test_diffusion_repetition_penalty_matches_a_slow_reference(model):
     "control", [dict(suppress_tokens="banned"), dict(bad_words_ids="banned"), dict(sequence_bias="banned")]
 )
 def test_diffusion_bans_tokens_at_every_position(model, control):
-    ids = prompt(batch=2)
+    ids = clean_ids(model, 2, 6)
     plain = model.generate(ids, max_new_tokens=12, eos_token_id=None, **DIFFUSION)
     banned = plain[:, 6:].flatten().unique()[:4].tolist()
     value = {
@@ -140,7 +127,7 @@ def test_diffusion_bans_tokens_at_every_position(model, control):
 
 def test_diffusion_min_new_tokens_bans_eos_before_it(model):
     favour_eos = dict(eos_token_id=EOS, sequence_bias={(EOS,): 50.0}, max_new_tokens=12, **DIFFUSION)
-    ids = prompt()
+    ids = clean_ids(model, 1, 6)
     assert model.generate(ids, **favour_eos)[0, 6:].tolist() == [EOS]
     out = model.generate(ids, min_new_tokens=6, **favour_eos)[0, 6:].tolist()
     assert out[6] == EOS and EOS not in out[:6] and len(out) == 7
@@ -162,8 +149,10 @@ def test_diffusion_min_new_tokens_bans_eos_before_it(model):
 )
 def test_diffusion_refuses_controls_that_need_the_left_tokens(model, kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}` is not supported in `mask_diffusion` mode"):
-        model.generate(prompt(), max_new_tokens=4, **kwargs)
-    model.generate(prompt(), generation_mode="mock_ar", max_new_tokens=4, **kwargs)  # fine token by token
+        model.generate(clean_ids(model, 1, 6), max_new_tokens=4, **kwargs)
+    model.generate(
+        clean_ids(model, 1, 6), generation_mode="mock_ar", max_new_tokens=4, **kwargs
+    )  # fine token by token
 
 
 @pytest.mark.parametrize(
@@ -176,13 +165,13 @@ def test_diffusion_refuses_controls_that_need_the_left_tokens(model, kwargs, nam
     ],
 )
 def test_refused_in_every_mode(model, kwargs, match):
-    for mode in ("mask_diffusion", "mock_ar", "ar"):
+    for mode in GENERATION_MODES:
         with pytest.raises(ValueError, match=match):
-            model.generate(prompt(), generation_mode=mode, max_new_tokens=4, **kwargs)
+            model.generate(clean_ids(model, 1, 6), generation_mode=mode, max_new_tokens=4, **kwargs)
 
 
 def test_prompt_past_the_position_limit_warns(model, caplog):
-    ids = prompt(length=model.config.max_position_embeddings - 2)
+    ids = clean_ids(model, 1, model.config.max_position_embeddings - 2)
     with caplog.at_level("WARNING"):
         model.generate(ids, generation_mode="ar", max_new_tokens=4, eos_token_id=None)
     assert "max_position_embeddings" in caplog.text
@@ -191,7 +180,7 @@ def test_prompt_past_the_position_limit_warns(model, caplog):
 # --- stopping inside a block -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["mask_diffusion", "mock_ar", "ar"])
+@pytest.mark.parametrize("mode", GENERATION_MODES)
 def test_a_stop_string_ending_inside_a_block_stops_there(demo, mode):
     from transformers import TextIteratorStreamer
 
@@ -215,7 +204,7 @@ def test_a_stop_string_ending_inside_a_block_stops_there(demo, mode):
 
 def test_diffusion_stops_on_eos_inside_the_block_and_saves_the_forwards(model):
     """Transformers' EOS rule: the same tokens as finishing the block and cutting at EOS, in fewer forwards."""
-    ids = prompt(batch=3, seed=1)
+    ids = clean_ids(model, 3, 6, seed=1)
     kwargs = dict(max_new_tokens=16, return_dict_in_generate=True, block_size=8, steps_per_block=8)
     plain = model.generate(ids, eos_token_id=None, **kwargs)
     eos = int(plain.sequences[0, 6 + 3])  # a token the first row commits at its fourth position
@@ -236,7 +225,7 @@ def test_a_criterion_stop_before_an_eos_committed_in_the_same_step_wins(model):
         def __call__(self, input_ids, scores, **kwargs):
             return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 6 + 3, dtype=torch.bool)
 
-    ids, criteria = prompt(), StoppingCriteriaList([StopAt()])
+    ids, criteria = clean_ids(model, 1, 6), StoppingCriteriaList([StopAt()])
     kwargs = dict(block_size=8, steps_per_block=8, max_new_tokens=8, confidence_threshold=0.0)
     plain = model.generate(ids, eos_token_id=None, **kwargs)[0, 6:].tolist()
     eos = plain[3]
@@ -248,7 +237,7 @@ def test_a_criterion_stop_before_an_eos_committed_in_the_same_step_wins(model):
 
 def test_renormalised_scores_are_log_probabilities_when_sampling(model):
     out = model.generate(
-        prompt(), max_new_tokens=4, eos_token_id=None, do_sample=True, top_k=5, renormalize_logits=True,
+        clean_ids(model, 1, 6), max_new_tokens=4, eos_token_id=None, do_sample=True, top_k=5, renormalize_logits=True,
         return_dict_in_generate=True, output_scores=True, generator=torch.Generator().manual_seed(0), **DIFFUSION,
     )  # fmt: skip
     for scores in out.scores:
@@ -263,7 +252,7 @@ def test_custom_criteria_see_the_scores_of_the_committing_step(model):
             seen.append((input_ids[:, -1].clone(), scores.clone()))
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
-    ids = prompt(batch=2)
+    ids = clean_ids(model, 2, 6)
     criteria = StoppingCriteriaList([Record()])
     model.generate(ids, max_new_tokens=8, eos_token_id=None, stopping_criteria=criteria, **DIFFUSION)
     assert sum(len(last) for last, _ in seen) == 2 * 8, "each row once per prefix length, as AR once per token"
@@ -276,7 +265,7 @@ def test_custom_criteria_see_the_scores_of_the_committing_step(model):
 
 
 def test_diffusion_scores_are_those_of_the_committing_step(model):
-    ids = prompt(batch=2)
+    ids = clean_ids(model, 2, 6)
     steps = []
     out = model.generate(
         ids, max_new_tokens=8, eos_token_id=None, return_dict_in_generate=True, output_scores=True, output_logits=True,
@@ -322,7 +311,7 @@ def test_the_demo_tokenizer_pads_on_the_left_and_the_batched_call_works(demo):
 def test_warpers_act_on_each_positions_distribution(model, mode):
     """top_k=1 leaves each position only its most likely token: sampling gives the greedy tokens (in diffusion the
     confidence, read before the warpers, is the same too, so the commit order is)."""
-    ids = prompt(batch=2)
+    ids = clean_ids(model, 2, 6)
     kwargs = dict(generation_mode=mode, max_new_tokens=8, eos_token_id=None, **DIFFUSION)
     greedy = model.generate(ids, **kwargs)
     generator = torch.Generator().manual_seed(0)
@@ -335,7 +324,7 @@ def test_warpers_act_on_each_positions_distribution(model, mode):
 
 @pytest.mark.parametrize("mode", ["mask_diffusion", "mock_ar"])
 def test_num_return_sequences_repeats_each_prompt(model, mode):
-    ids = prompt(batch=2)
+    ids = clean_ids(model, 2, 6)
     generator = torch.Generator().manual_seed(0)
     out = model.generate(
         ids, generation_mode=mode, max_new_tokens=8, eos_token_id=None, do_sample=True, temperature=3.0,
@@ -346,6 +335,6 @@ def test_num_return_sequences_repeats_each_prompt(model, mode):
 
 
 def test_the_diffusion_loss_is_reproducible_with_a_generator(model):
-    ids = prompt(length=12, batch=2)
+    ids = clean_ids(model, 2, 12)
     loss = lambda seed: model(ids, labels=ids, generator=torch.Generator().manual_seed(seed)).loss  # noqa: E731
     assert torch.equal(loss(0), loss(0)) and not torch.equal(loss(0), loss(1))

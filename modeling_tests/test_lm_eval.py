@@ -18,21 +18,13 @@ from conftest import nemotron_h_from_context_tower
 
 lm_eval = pytest.importorskip("lm_eval", reason="the [eval] extra (lm-eval) is not installed")
 from lm_eval.api.instance import Instance  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
 
-from transformers_twotower import TwoTowerForDiffusionLM  # noqa: E402
 from transformers_twotower.__main__ import DEMO_MODEL  # noqa: E402
 from transformers_twotower.lm_eval_twotower import TwoTowerLM  # noqa: E402
 
 
 TASK_DIR = Path(__file__).parent / "fixtures" / "eval_task"
 ROWS = [json.loads(line) for line in (TASK_DIR / "code_task.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def demo():
-    model = TwoTowerForDiffusionLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(DEMO_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +154,7 @@ def test_the_local_task_runs_through_simple_evaluate(demo, stock, monkeypatch):
     assert results["config"]["twotower_generation"]["nfe"] > 0
 
 
+@pytest.mark.slow
 def test_lm_eval_command_line_knows_twotower(tmp_path):
     """`twotower lm_eval ...` is lm-eval's own command line with the model registered."""
     command = [sys.executable, "-m", "transformers_twotower", "lm_eval", "--model", "twotower",
