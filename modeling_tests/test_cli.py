@@ -98,6 +98,7 @@ def test_bench_synthetic_small(capsys, monkeypatch):
     assert ar["floor_ms"] == round(ar["bytes"] / 1e9 * 1e3, 4) and ar["eager_ms"] > 0
 
 
+@pytest.mark.slow
 def test_demo_model_runs_from_the_module_entry_point():
     """The demo holds weights, configs and a tokenizer only; it loads through the package, not as remote code. As a
     terminal shows the two streams together, transformers' notices come before the streamed text, never inside it."""
@@ -123,6 +124,7 @@ def test_the_pipeline_and_the_command_line_continue_a_prompt_alike(capsys):
     assert generator("def fibonacci(n):", max_new_tokens=16)[0]["generated_text"] == streamed
 
 
+@pytest.mark.slow
 def test_the_demo_tokenizer_loads_without_remote_code_questions(tmp_path):
     """A plain fast tokenizer: `AutoTokenizer` loads it where this package is not even imported, asking nothing."""
     code = (
