@@ -28,7 +28,7 @@ import math
 
 import pytest
 import torch
-from conftest import EXPECTED_PROMPTS, RELEASE_FIXTURE
+from conftest import EXPECTED_PROMPTS, RELEASE_FIXTURE, clean_ids, load_release
 
 from transformers_twotower import TwoTowerForDiffusionLM
 from transformers_twotower.__main__ import DEMO_MODEL
@@ -44,8 +44,7 @@ def tolerance(model, reference_logits: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module", params=DEVICES)
 def models(request):
-    load = lambda dtype: TwoTowerForDiffusionLM.from_pretrained(RELEASE_FIXTURE, dtype=dtype).to(request.param)  # noqa: E731
-    return load(torch.float32).eval(), load(torch.bfloat16).eval()
+    return load_release(torch.float32).to(request.param), load_release(torch.bfloat16).to(request.param)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PROMPTS))
@@ -118,7 +117,7 @@ def test_t_is_quantised_in_bf16_as_the_release_quantises_it(models):
 @pytest.mark.parametrize("folder", [RELEASE_FIXTURE, DEMO_MODEL], ids=["fixture", "demo"])
 def test_bf16_generation_over_a_512_token_context_stays_finite(folder, device):
     model = TwoTowerForDiffusionLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
-    ids = torch.randint(4, model.config.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = clean_ids(model, 1, 512).to(device)
     ids[0, 0] = 1  # BOS
     finite = []
     out = model.generate(

@@ -10,7 +10,6 @@ own, with a Triton cache of its own: benchmarks/gpu_check.sh), and then the reco
 """
 
 import importlib.util
-import json
 import os
 
 
@@ -18,11 +17,8 @@ os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
 import pytest
 import torch
-from conftest import RELEASE_FIXTURE, tiny_model
-from safetensors.torch import load_file
+from conftest import EXPECTED, load_release, tiny_model
 from test_mamba_scan import naive_seeded_mixer
-
-from transformers_twotower import TwoTowerForDiffusionLM
 
 
 CUDA = torch.cuda.is_available()
@@ -49,15 +45,13 @@ def test_kernel_seeded_scan_equals_naive_recurrence(length):
 
 
 @needs_cuda
-def test_release_fixture_on_gpu_fp32():
-    expected = json.loads((RELEASE_FIXTURE / "expected.json").read_text())
-    tensors = load_file(RELEASE_FIXTURE / "expected.safetensors")
-    model = TwoTowerForDiffusionLM.from_pretrained(RELEASE_FIXTURE, dtype=torch.float32).cuda().eval()
-    prompt = torch.tensor([expected["prompts"]["main"]]).cuda()
+def test_release_fixture_on_gpu_fp32(expected_tensors):
+    model = load_release().cuda()
+    prompt = torch.tensor([EXPECTED["prompts"]["main"]]).cuda()
     logits = model(prompt).logits.cpu()
-    assert (logits - tensors["context_forward/main/logits"]).abs().max() < 5e-3
-    for case, run in expected["diffusion"].items():
-        ids = torch.tensor([expected["prompts"][run["prompt"]]]).cuda()
+    assert (logits - expected_tensors["context_forward/main/logits"]).abs().max() < 5e-3
+    for case, run in EXPECTED["diffusion"].items():
+        ids = torch.tensor([EXPECTED["prompts"][run["prompt"]]]).cuda()
         out = model.generate(ids, **{k: v for k, v in run["kwargs"].items() if k not in ("temperature", "top_k")},
                              return_dict_in_generate=True)  # fmt: skip
         assert out.sequences[0].tolist() == run["output_ids"], case
@@ -69,12 +63,11 @@ def test_release_fixture_on_gpu_fp32():
 def test_compiled_generation_on_gpu_gives_the_eager_tokens(mode):
     """`compile=True` with its CUDA defaults: the static decode state's steps through inductor with CUDA graphs
     (`reduce-overhead`, fullgraph); the release fixture, fp32."""
-    expected = json.loads((RELEASE_FIXTURE / "expected.json").read_text())
-    model = TwoTowerForDiffusionLM.from_pretrained(RELEASE_FIXTURE, dtype=torch.float32).cuda().eval()
+    model = load_release().cuda()
     # Compiled, transformers' grouped_mm experts take a fallback with a host sync unless the weights are bf16, and
     # a CUDA graph cannot hold a host sync: fp32 experts are computed by batched_mm instead.
     model.set_experts_implementation("batched_mm")
-    ids = torch.tensor([expected["prompts"]["main"]]).cuda()
+    ids = torch.tensor([EXPECTED["prompts"]["main"]]).cuda()
     options = dict(generation_mode=mode, max_new_tokens=48, block_size=16, eos_token_id=None)
     eager = model.generate(ids, **options)
     for _ in range(2):  # the second run replays what the first compiled
