@@ -63,7 +63,11 @@ def naive_seeded_mixer(mixer, hidden, conv_history, ssm_state, time_step_limit=R
 def test_seeded_scan_equals_naive_recurrence(length, shortcuts, monkeypatch):
     """Blocks no longer than a chunk take the one-chunk quadratic form and the per-tap conv on the CPU; with the
     shortcuts off they take the chunked scan and the convolution, as they do where the kernels are installed."""
-    assert backbone_twotower.SHORT_BLOCK_SCAN and backbone_twotower.SHORT_BLOCK_CONV  # no kernels in this suite
+    if not (backbone_twotower.SHORT_BLOCK_SCAN and backbone_twotower.SHORT_BLOCK_CONV):
+        pytest.skip(
+            "the mamba-ssm / causal-conv1d kernels are installed, so the CPU paths compared here are not the ones "
+            "taken; test_gpu.py and test_kernels_interpreted.py check the kernel path against the same recurrence"
+        )
     monkeypatch.setattr(backbone_twotower, "SHORT_BLOCK_SCAN", shortcuts)
     monkeypatch.setattr(backbone_twotower, "SHORT_BLOCK_CONV", shortcuts)
     calls = []
