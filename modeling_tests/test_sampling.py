@@ -83,7 +83,8 @@ def test_predict_never_returns_the_mask_and_measures_unscaled_confidence():
 
 
 class MockTwoTower(TwoTowerGenerationMixin):
-    """The generation loop with a fake model: random logits, a cache that only counts."""
+    """The generation loop with a fake model: random logits, a cache that only counts. `forwards` counts, for each
+    row, the denoiser forwards that computed it."""
 
     def __init__(self, vocab=16, seed=0):
         self.generation_config = TwoTowerGenerationConfig(mask_token_id=3, pad_token_id=0, eos_token_id=None)
@@ -91,9 +92,11 @@ class MockTwoTower(TwoTowerGenerationMixin):
         self.vocab = vocab
         self.generator = torch.Generator().manual_seed(seed)
         self.calls = []
+        self.forwards = None
 
     def prefill(self, input_ids, attention_mask=None, keep_behind=True):
         self.calls.append(("prefill", input_ids.shape[1]))
+        self.forwards = torch.zeros(input_ids.shape[0], dtype=torch.long)
         return {"batch": input_ids.shape[0]}
 
     def extend_context(self, cache, token_ids, keep_behind=True):
@@ -102,6 +105,9 @@ class MockTwoTower(TwoTowerGenerationMixin):
 
     def denoise_step(self, block_ids, cache, t, behind=False, rows=None, positions=None):
         self.calls.append(("denoise", block_ids.shape[1]))
+        computed = torch.arange(len(self.forwards)) if rows is None else rows  # no row leaves this cache
+        assert len(computed) == block_ids.shape[0]
+        self.forwards[computed] += 1
         logits = torch.randn(block_ids.shape[0], block_ids.shape[1], self.vocab, generator=self.generator) * 3
         return logits if positions is None else logits * positions[..., None]
 
@@ -123,4 +129,6 @@ def test_committed_tokens_never_change_and_every_block_is_filled():
         assert torch.equal(newly, before["committed"])
     assert (out.sequences[:, 3:] != 3).all() and out.sequences.shape == (2, 11)
     assert [c for c in model.calls if c[0] != "denoise"] == [("prefill", 3), ("extend", 4)]
-    assert out.nfe.tolist() == [len([h for h in history if h["t"][i] > 0]) for i in range(2)]
+    # NFE against the forwards the model saw, row by row: the rows fill their blocks in different numbers of steps.
+    assert torch.equal(out.nfe, model.forwards) and model.forwards[0] != model.forwards[1]
+    assert model.forwards.tolist() == [len([h for h in history if h["t"][i] > 0]) for i in range(2)]
