@@ -6,6 +6,7 @@ from conftest import RELEASE_FIXTURE
 from safetensors import safe_open
 
 from transformers_twotower import TwoTowerConfig, TwoTowerForDiffusionLM
+from transformers_twotower.sampling_twotower import commit_mask, predict_tokens
 
 
 ATOL = 5e-4
@@ -74,28 +75,35 @@ def test_denoiser_step(release_model, expected, expected_tensors, case):
 
 @pytest.mark.parametrize("case", ["main/b4_s4_thr0.9_n12", "main/b8_s8_thr0.8_n16", "main/b8_s4_thr0.9_n16"])
 def test_every_recorded_diffusion_step(release_model, expected, expected_tensors, case):
-    """Replays each recorded denoising step: the context is the prompt plus the blocks committed before it, built by
-    one prefill and one `extend_context` per committed block."""
+    """Decodes step by step with the towers' own calls (one prefill, one `extend_context` per block the model
+    committed, one `denoise_step` per step) and the commit rule: every step's logits, every noisy block the model
+    reaches and the tokens it commits are the ones NVIDIA's code recorded."""
     run = expected["diffusion"][case]
-    prompt = expected["prompts"][run["prompt"]]
-    block_size = run["kwargs"]["block_size"]
-    generated = run["generated_ids"]
+    kwargs = run["kwargs"]
+    block_size, steps = kwargs["block_size"], kwargs["steps_per_block"]
     step_logits = expected_tensors[f"diffusion/{case}/step_logits"]
     step_t = expected_tensors[f"diffusion/{case}/step_t"]
-    assert len(run["trajectory"]) == step_logits.shape[0]
+    assert len(run["trajectory"]) == step_logits.shape[0] == run["nfe"]
 
-    cache = release_model.prefill(torch.tensor([prompt]))
-    extended = 0
+    cache = release_model.prefill(torch.tensor([expected["prompts"][run["prompt"]]]))
+    committed, block = [], None
     for k, step in enumerate(run["trajectory"]):
-        while extended < step["block"]:
-            committed = generated[extended * block_size : (extended + 1) * block_size]
-            release_model.extend_context(cache, torch.tensor([committed]))
-            extended += 1
-        block = torch.tensor([step["xt_before"]])
+        if step["step"] == 0:  # a new block: the context tower reads the one the model just filled
+            if block is not None:
+                committed += block[0].tolist()
+                release_model.extend_context(cache, block)
+            block = torch.full((1, block_size), 3)
+        assert step["block"] == len(committed) // block_size
+        assert block[0].tolist() == step["xt_before"], f"step {k}: the model's block differs from the recorded one"
         t = (block == 3).float().mean(-1)
         torch.testing.assert_close(t, step_t[k : k + 1], rtol=0, atol=0)
-        assert max_diff(release_model.denoise_step(block, cache, t), step_logits[k]) < ATOL
-    assert cache.num_context_tokens == len(prompt) + extended * block_size
+        logits = release_model.denoise_step(block, cache, t)
+        assert max_diff(logits, step_logits[k]) < ATOL
+        pred, confidence, _ = predict_tokens(logits, 3)
+        block = torch.where(commit_mask(confidence, block == 3, step["step"], steps, kwargs["confidence_threshold"]),
+                            pred, block)  # fmt: skip
+    committed += block[0].tolist()
+    assert committed == run["generated_ids"]
 
 
 def test_ar_step_logits(release_model, expected, expected_tensors):
