@@ -1,17 +1,20 @@
 """Generation reproduces NVIDIA's recorded runs on the tiny release checkpoint: token ids and NFE exactly."""
 
-import json
-
 import pytest
 import torch
-from conftest import RELEASE_FIXTURE
+from conftest import EXPECTED, RELEASE_FIXTURE
+from safetensors import safe_open
 
 
-EXPECTED = json.loads((RELEASE_FIXTURE / "expected.json").read_text())
 DIFFUSION_CASES = sorted(EXPECTED["diffusion"])
 # The fixture records every step's logits for three of the twelve diffusion runs (the `main` prompt below threshold
 # 1); the other nine are checked by their tokens, NFE and the block before every step, and have no logits to check.
-STEP_LOGITS_RECORDED = {"main/b4_s4_thr0.9_n12", "main/b8_s4_thr0.9_n16", "main/b8_s8_thr0.8_n16"}
+with safe_open(RELEASE_FIXTURE / "expected.safetensors", "pt") as recorded:
+    STEP_LOGITS_RECORDED = sorted(
+        name.removeprefix("diffusion/").removesuffix("/step_logits")
+        for name in recorded.keys()
+        if name.startswith("diffusion/") and name.endswith("/step_logits")
+    )
 PROMPTS = sorted(EXPECTED["prompts"])
 
 
@@ -39,9 +42,30 @@ def test_mask_diffusion_through_generate(release_model, case):
     assert out.tokens_per_forward.tolist() == pytest.approx([run["n_generated"] / run["nfe"]])
 
 
-def test_the_fixture_records_step_logits_for_the_expected_cases(expected_tensors):
-    recorded = {key.split("/", 1)[1].rsplit("/", 1)[0] for key in expected_tensors if key.endswith("/step_logits")}
-    assert {case for case in recorded if case in EXPECTED["diffusion"]} == STEP_LOGITS_RECORDED
+@pytest.mark.parametrize("case", STEP_LOGITS_RECORDED)
+def test_every_step_of_generate_is_the_recorded_one(release_model, expected_tensors, case):
+    """Each denoiser step of `generate`, as its step callback sees it, against the step NVIDIA's code recorded: the
+    noisy block, its t, and the logits."""
+    run = EXPECTED["diffusion"][case]
+    kw = run["kwargs"]
+    steps = []
+    release_model.generate(
+        prompt_of(run["prompt"]),
+        max_new_tokens=kw["max_new_tokens"],
+        block_size=kw["block_size"],
+        steps_per_block=kw["steps_per_block"],
+        confidence_threshold=kw["confidence_threshold"],
+        eos_token_id=kw["eos_token_id"],
+        step_callback=steps.append,
+    )
+    recorded_logits = expected_tensors[f"diffusion/{case}/step_logits"]
+    recorded_t = expected_tensors[f"diffusion/{case}/step_t"]
+    assert len(steps) == recorded_logits.shape[0] == len(run["trajectory"])
+    for k, (step, recorded_step) in enumerate(zip(steps, run["trajectory"])):
+        assert (step.block, step.step) == (recorded_step["block"], recorded_step["step"])
+        assert step.tokens[0].tolist() == recorded_step["xt_before"]
+        torch.testing.assert_close(step.t, recorded_t[k : k + 1], rtol=0, atol=0)
+        assert (step.logits - recorded_logits[k]).abs().max().item() < 5e-4, f"step {k}"
 
 
 @pytest.mark.parametrize("case", DIFFUSION_CASES)
