@@ -17,6 +17,7 @@ RELEASE_FIXTURE = Path(__file__).parent / "fixtures" / "twotower_tiny_a"
 # What NVIDIA's code recorded on the release fixture (fixtures/twotower_tiny_a/README.txt): prompts, token ids, NFE.
 EXPECTED = json.loads((RELEASE_FIXTURE / "expected.json").read_text())
 EXPECTED_PROMPTS = EXPECTED["prompts"]
+RELEASE_ATOL = EXPECTED["suggested_tolerance"]["logits_atol"]  # 5e-4 on the recorded logits (fp32)
 
 # A short run of `generate` on the tiny models: two blocks of 4 tokens, no EOS.
 GENERATE = dict(max_new_tokens=8, block_size=4, steps_per_block=4, eos_token_id=None)

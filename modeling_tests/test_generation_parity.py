@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import EXPECTED, RELEASE_FIXTURE
+from conftest import EXPECTED, RELEASE_ATOL, RELEASE_FIXTURE
 from safetensors import safe_open
 
 
@@ -65,7 +65,7 @@ def test_every_step_of_generate_is_the_recorded_one(release_model, expected_tens
         assert (step.block, step.step) == (recorded_step["block"], recorded_step["step"])
         assert step.tokens[0].tolist() == recorded_step["xt_before"]
         torch.testing.assert_close(step.t, recorded_t[k : k + 1], rtol=0, atol=0)
-        assert (step.logits - recorded_logits[k]).abs().max().item() < 5e-4, f"step {k}"
+        assert (step.logits - recorded_logits[k]).abs().max().item() < RELEASE_ATOL, f"step {k}"
 
 
 @pytest.mark.parametrize("case", DIFFUSION_CASES)
@@ -82,7 +82,7 @@ def test_mask_diffusion_through_release_alias(release_model, expected_tensors, c
         recorded = expected_tensors[f"diffusion/{case}/step_logits"]
         assert recorded.shape[0] == len(seen)
         for k, (_, logits) in enumerate(seen):
-            assert (logits - recorded[k]).abs().max().item() < 5e-4
+            assert (logits - recorded[k]).abs().max().item() < RELEASE_ATOL
 
 
 @pytest.mark.parametrize("mode", ["ar", "mock_ar"])

@@ -17,7 +17,7 @@ import os
 
 import pytest
 import torch
-from conftest import EXPECTED, EXPECTED_PROMPTS, left_pad, tiny_model
+from conftest import EXPECTED, EXPECTED_PROMPTS, RELEASE_ATOL, left_pad, tiny_model
 from test_mamba_scan import naive_seeded_mixer
 
 
@@ -47,7 +47,6 @@ from transformers_twotower import TwoTowerForDiffusionLM  # noqa: E402
 ON_GPU = interpreted_kernels.ON_GPU
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 EXPECTED_DIFFUSION = EXPECTED["diffusion"]
-ATOL = 5e-4  # the release fixtures' tolerance
 
 
 def calls(name: str) -> int:
@@ -148,14 +147,14 @@ def test_context_and_denoiser_logits_match_the_release(release_model, expected, 
     before = calls("mamba_chunk_scan_combined")
     for name in EXPECTED_PROMPTS:
         logits = release_model(prompt(name)).logits.cpu()
-        assert (logits - expected_tensors[f"context_forward/{name}/logits"]).abs().max() < ATOL, name
+        assert (logits - expected_tensors[f"context_forward/{name}/logits"]).abs().max() < RELEASE_ATOL, name
     for case, spec in expected["denoiser_step"].items():
         cache = release_model.prefill(prompt(spec["prompt"]))
         if "extend_block" in spec:
             release_model.extend_context(cache, torch.tensor([spec["extend_block"]], device=DEVICE))
         t = None if spec["t"] is None else torch.tensor([spec["t"]], device=DEVICE)
         step = release_model.denoise_step(torch.tensor([spec["noisy_block"]], device=DEVICE), cache, t).cpu()
-        assert (step - expected_tensors[f"denoiser_step/{case}/logits"]).abs().max() < ATOL, case
+        assert (step - expected_tensors[f"denoiser_step/{case}/logits"]).abs().max() < RELEASE_ATOL, case
     assert calls("mamba_chunk_scan_combined") > before
 
 

@@ -2,14 +2,13 @@
 
 import pytest
 import torch
-from conftest import RELEASE_FIXTURE
+from conftest import RELEASE_ATOL, RELEASE_FIXTURE
 from safetensors import safe_open
 
 from transformers_twotower import TwoTowerConfig, TwoTowerForDiffusionLM
 from transformers_twotower.sampling_twotower import commit_mask, predict_tokens
 
 
-ATOL = 5e-4
 PROMPTS = ["main", "len2", "len17"]
 
 
@@ -50,13 +49,13 @@ def test_release_state_dict_loads_without_missing_or_unexpected_keys():
 def test_context_forward(release_model, expected, expected_tensors, prompt):
     ids = torch.tensor([expected["prompts"][prompt]])
     logits = release_model(ids).logits
-    assert max_diff(logits, expected_tensors[f"context_forward/{prompt}/logits"]) < ATOL
+    assert max_diff(logits, expected_tensors[f"context_forward/{prompt}/logits"]) < RELEASE_ATOL
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_context_prefill_last_logits(release_model, expected, expected_tensors, prompt):
     cache = release_model.prefill(torch.tensor([expected["prompts"][prompt]]))
-    assert max_diff(cache.next_token_logits, expected_tensors[f"context_prefill/{prompt}/last_logits"]) < ATOL
+    assert max_diff(cache.next_token_logits, expected_tensors[f"context_prefill/{prompt}/last_logits"]) < RELEASE_ATOL
 
 
 @pytest.mark.parametrize("case", ["main/block0", "main/block1", "main/after_extend", "main/block0_t_none"])
@@ -68,7 +67,7 @@ def test_denoiser_step(release_model, expected, expected_tensors, case):
     block = torch.tensor([spec["noisy_block"]])
     t = None if spec["t"] is None else torch.tensor([spec["t"]])
     logits = release_model.denoise_step(block, cache, t)
-    assert max_diff(logits, expected_tensors[f"denoiser_step/{case}/logits"]) < ATOL
+    assert max_diff(logits, expected_tensors[f"denoiser_step/{case}/logits"]) < RELEASE_ATOL
     if "argmax" in spec:
         assert logits.argmax(-1)[0].tolist() == spec["argmax"]
 
@@ -98,7 +97,7 @@ def test_every_recorded_diffusion_step(release_model, expected, expected_tensors
         t = (block == 3).float().mean(-1)
         torch.testing.assert_close(t, step_t[k : k + 1], rtol=0, atol=0)
         logits = release_model.denoise_step(block, cache, t)
-        assert max_diff(logits, step_logits[k]) < ATOL
+        assert max_diff(logits, step_logits[k]) < RELEASE_ATOL
         pred, confidence, _ = predict_tokens(logits, 3)
         block = torch.where(commit_mask(confidence, block == 3, step["step"], steps, kwargs["confidence_threshold"]),
                             pred, block)  # fmt: skip
@@ -112,7 +111,7 @@ def test_ar_step_logits(release_model, expected, expected_tensors):
     cache = release_model.prefill(torch.tensor([expected["prompts"]["main"]]))
     recorded = expected_tensors["ar/main/step_logits"]
     for k, token in enumerate(run["generated_ids"]):
-        assert max_diff(cache.next_token_logits, recorded[k]) < ATOL
+        assert max_diff(cache.next_token_logits, recorded[k]) < RELEASE_ATOL
         assert cache.next_token_logits.argmax(-1).item() == token
         release_model.extend_context(cache, torch.tensor([[token]]))
 
@@ -127,7 +126,7 @@ def test_mock_ar_step_logits(release_model, expected, expected_tensors):
     last = prompt[-1]
     for k, token in enumerate(run["generated_ids"]):
         logits = release_model.denoise_step(torch.tensor([[last]]), cache, None, behind=True)[:, -1]
-        assert max_diff(logits, recorded[k]) < ATOL
+        assert max_diff(logits, recorded[k]) < RELEASE_ATOL
         assert logits.argmax(-1).item() == token
         release_model.extend_context(cache, torch.tensor([[token]]))
         last = token
