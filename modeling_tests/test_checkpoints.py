@@ -24,6 +24,7 @@ from convert_nemotron_h_to_twotower import convert_nemotron_h_to_twotower  # noq
 from convert_nvidia_twotower import convert_package_to_release, convert_release_to_package, main  # noqa: E402
 
 from transformers_twotower import TwoTowerForDiffusionLM  # noqa: E402
+from transformers_twotower.defaults_twotower import GENERATION_MODES  # noqa: E402
 
 
 def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -170,7 +171,7 @@ def test_save_pretrained_writes_a_hub_model_card_and_keeps_one_written_before(sa
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
     assert "twotower" in card.data.tags and card.data.base_model is None  # nothing known about a plain save
     assert "trust_remote_code=True" in card.text and "| `confidence_threshold` | 0.8 |" in card.text
-    assert all(f"- `{mode}`" in card.text for mode in ("mask_diffusion", "mock_ar", "ar"))
+    assert all(f"- `{mode}`" in card.text for mode in GENERATION_MODES)
     # The conversion's card (its base model and license) is the same function's, and a later save keeps it.
     release = ModelCard.load(converted / "README.md")
     assert (
