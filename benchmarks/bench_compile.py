@@ -9,7 +9,7 @@ Two steps are measured, each eager and compiled (`backend`, default inductor):
   (`model.denoiser_tower.compile()`).
 
 The compile time is the wall time of the first compiled call less one eager call, with inductor's on-disk caches off
-(what a first run costs; a warm cache cuts it to seconds). Step times are process CPU time
+(what a first run costs). Step times are process CPU time
 (`time.process_time`) on `--threads` threads, eager and compiled calls alternated, median of `--repeats`. Writes
 `benchmarks/results/compile_cpu.json`.
 """

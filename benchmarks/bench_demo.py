@@ -12,6 +12,9 @@ Prompts: `--prompts` windows of 128 tokens from the held-out stdlib modules list
 - `mixed`: prompts cut to different lengths (32 to 128 tokens, left-padded in a batch) and a row stops at its first
   blank line or EOS, so rows finish early and at different times; AR and diffusion at threshold 0.8.
 
+Greedy means plain greedy in both: the demo's generation config sets `repetition_penalty=1.2`, which is set back to
+1.0 here (`--quality` measures the penalty).
+
 Per row of the output:
 - exact_match: the fraction of generated tokens equal to the true continuation, averaged over prompts;
   retention = diffusion exact_match / AR exact_match;
@@ -146,6 +149,7 @@ def run_mode(model, scenario: Scenario, batch_size, mode, threshold, device):
                 block_size=16,
                 steps_per_block=16,
                 confidence_threshold=threshold,
+                repetition_penalty=1.0,  # plain greedy (the demo's generation config: 1.2)
                 eos_token_id=scenario.eos or None,
                 return_dict_in_generate=True,
             )
@@ -289,15 +293,16 @@ def plot(rows: list[dict], path: Path):
 def demo_step_costs(model, args) -> int:
     """The demo's static-decoding steps after a 512-token prompt, batch 1 and 8 (benchmarks/bench_steps.py)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_steps import copy_bandwidth, measure, print_table, store
+    from bench_steps import copy_bandwidth, measure, model_name, print_table, store
 
     variants = ["eager", "compiled"] if args.compile else ["eager"]
+    repeats = max(5, args.repeats)
     began = time.process_time()
     bandwidth = copy_bandwidth(args.device, 256)
-    batches = measure(model, [1, 8], variants, 512, max(5, args.repeats), bandwidth)
+    batches = measure(model, [1, 8], variants, 512, repeats, bandwidth)
     result = {
-        "model": "demo", "device": args.device, "threads": torch.get_num_threads(), "prompt_tokens": 512,
-        "bandwidth_gb_s": round(bandwidth / 1e9, 1), "batches": batches,
+        "model": model_name(args.model), "device": args.device, "threads": torch.get_num_threads(),
+        "prompt_tokens": 512, "repeats": repeats, "bandwidth_gb_s": round(bandwidth / 1e9, 1), "batches": batches,
         "cpu_seconds_with_compilation": round(time.process_time() - began),
     }  # fmt: skip
     print_table(result, variants)

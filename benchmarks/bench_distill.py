@@ -8,7 +8,8 @@ in the demo's `train_log.json`, one module per JSONL row; the evaluation prompts
 (never trained on, by the backbone or the denoiser). The AR tower's greedy continuations of the training prompts are
 the targets; tokens per denoiser forward and agreement with AR are measured before and after, on 32 held-out prompts.
 Writes `benchmarks/results/distill_cpu.json` (the script's report, the arguments and the CPU seconds it took); the
-distilled model goes to a temporary folder (`--output` keeps it).
+distilled model goes to a temporary folder (`--output` keeps it). A flag given after `--` replaces the script's own
+value of that flag (e.g. `-- --lr 1e-4`), so the recorded flags hold each flag once, with the value that was used.
 """
 
 import argparse
@@ -31,6 +32,27 @@ def load_example(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def merge_flags(flags: list[str], extra: list[str]) -> list[str]:
+    """`flags` with `extra` applied: a flag in both keeps its place in `flags` and takes `extra`'s value (or values,
+    up to the next flag); flags new in `extra` are appended. `--flag=value` is read as `--flag value`."""
+
+    def parse(tokens: list[str]) -> dict[str, list[str]]:
+        parsed, name = {}, None
+        for token in tokens:
+            if token.startswith("--"):
+                name, _, value = token.partition("=")
+                parsed[name] = [value] if value else []
+            elif name is None:
+                raise SystemExit(f"error: {token!r} after -- is not preceded by a flag")
+            else:
+                parsed[name].append(token)
+        return parsed
+
+    merged = parse(flags)
+    merged.update(parse(extra))  # a dict keeps the first position of a key and takes the last value
+    return [token for name, values in merged.items() for token in (name, *values)]
 
 
 def write_jsonl(paths: list[Path], target: Path):
@@ -59,11 +81,11 @@ def main(argv=None):
         write_jsonl(train_files, scratch / "train.jsonl")
         write_jsonl([stdlib / name for name in held_out if (stdlib / name).is_file()], scratch / "held_out.jsonl")
         output = args.output or str(scratch / "distilled")
-        flags = [
+        flags = merge_flags([
             "--model", str(DEMO), "--data", str(scratch / "train.jsonl"), "--eval-data", str(scratch / "held_out.jsonl"),
             "--output", output, "--distill", "--distill-prompts", str(args.distill_prompts), "--eval-prompts", "32",
-            "--max-steps", str(args.max_steps), "--batch-size", "8", "--lr", args.lr, "--cpu", *args.extra,
-        ]  # fmt: skip
+            "--max-steps", str(args.max_steps), "--batch-size", "8", "--lr", args.lr, "--cpu",
+        ], args.extra)  # fmt: skip
         began = time.process_time()
         finetune.main(flags)
         seconds = time.process_time() - began

@@ -295,6 +295,28 @@ def print_table(result: dict, variants):
             print(f"  {variant} failed: {error.splitlines()[0][:200]}")
 
 
+def model_name(folder: str | Path) -> str:
+    """How a result names a model folder, never by an absolute path: "demo" for the bundled demo, the path relative
+    to the repository for a folder inside it, else the folder's own name."""
+    folder = Path(folder).resolve()
+    if folder == (ROOT / "src/transformers_twotower/demo").resolve():
+        return "demo"
+    return str(folder.relative_to(ROOT.resolve())) if folder.is_relative_to(ROOT.resolve()) else folder.name
+
+
+def package_versions() -> dict:
+    """The versions of the packages that decide which kernels run (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("transformers", "mamba-ssm", "causal-conv1d", "triton"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
 def store(result: dict, device: str, label: str) -> Path:
     path = ROOT / f"benchmarks/results/step_costs_{device.split(':')[0]}.json"
     stored = json.loads(path.read_text()) if path.is_file() else {}
@@ -337,8 +359,10 @@ def main(argv=None) -> int:
         f"parameters, {str(dtype).removeprefix('torch.')}",
         "device": torch.cuda.get_device_name() if on_cuda else "cpu",
         "torch": torch.__version__,
+        **package_versions(),
         "threads": torch.get_num_threads(),
         "prompt_tokens": args.prompt_length,
+        "repeats": args.repeats,
         "bandwidth_gb_s": round(bandwidth / 1e9, 1),
         "batches": batches,
         "seconds": round(time.perf_counter() - began, 1),
