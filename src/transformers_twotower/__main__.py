@@ -15,49 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-
-DEMO_MODEL = Path(__file__).parent / "demo"
-MODES = ("mask_diffusion", "mock_ar", "ar")
-DTYPES = ("auto", "float32", "bfloat16")
-
-
-def check_device(device: str):
-    """A one-line error for a device this machine does not have (or torch does not know)."""
-    import torch
-
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise SystemExit(f"error: --device {device!r} is not a device torch knows (e.g. cpu, cuda, cuda:1, mps)")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(kind, False):
-        raise SystemExit(f"error: --device {device}, but this machine has no {kind.upper()} device torch can use")
-
-
-def load(model_dir: str | Path, device: str, dtype: str):
-    """Tokenizer and model from a folder, with errors that say what is missing."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from transformers_twotower import TwoTowerForDiffusionLM
-
-    folder = Path(model_dir)
-    if not (folder / "config.json").is_file():
-        raise SystemExit(f"error: no TwoTower model in {folder} (no config.json); pass --model DIR")
-    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
-        raise SystemExit(f"error: {folder} has no tokenizer files")
-    check_device(device)
-    if dtype == "auto":
-        torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # this package is the code
-        model = TwoTowerForDiffusionLM.from_pretrained(folder, dtype=torch_dtype).to(device).eval()
-    except Exception as error:  # a missing or broken file: one line that names the folder and the cause
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SystemExit(f"error: cannot load the model in {folder}: {cause}") from None
-    return tokenizer, model
+from .defaults_twotower import GENERATION_MODES, MODEL_GENERATION_DEFAULTS
+from .loading_twotower import DEMO_MODEL, DTYPES, load
 
 
 def positive_int(text: str) -> int:
@@ -142,12 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     gen = commands.add_parser("generate", help="generate after a prompt, streaming the text")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=str(DEMO_MODEL), help="a TwoTower folder (default: the bundled demo)")
-    gen.add_argument("--mode", choices=MODES, default="mask_diffusion")
-    gen.add_argument("--threshold", type=float, default=0.8, help="confidence threshold (mask diffusion)")
-    gen.add_argument("--block-size", type=positive_int, default=16)
-    gen.add_argument("--steps", type=positive_int, default=16, help="denoiser steps per block at most")
+    gen.add_argument("--mode", choices=GENERATION_MODES, default=MODEL_GENERATION_DEFAULTS["generation_mode"])
+    gen.add_argument(
+        "--threshold", type=float, default=MODEL_GENERATION_DEFAULTS["confidence_threshold"],
+        help="confidence threshold (mask diffusion)",
+    )  # fmt: skip
+    gen.add_argument("--block-size", type=positive_int, default=MODEL_GENERATION_DEFAULTS["block_size"])
+    gen.add_argument(
+        "--steps", type=positive_int, default=MODEL_GENERATION_DEFAULTS["steps_per_block"],
+        help="denoiser steps per block at most",
+    )  # fmt: skip
     lengths = gen.add_mutually_exclusive_group()
-    lengths.add_argument("--max-new-tokens", type=positive_int, default=128)
+    lengths.add_argument("--max-new-tokens", type=positive_int, default=MODEL_GENERATION_DEFAULTS["max_new_tokens"])
     lengths.add_argument(
         "--max-length", type=positive_int, help="prompt + generated tokens (instead of --max-new-tokens)"
     )

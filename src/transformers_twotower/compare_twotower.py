@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+from .defaults_twotower import GENERATION_MODES, MODEL_GENERATION_DEFAULTS
+from .loading_twotower import DEMO_MODEL, DTYPES, load
+
 
 def first_metric(task_results: dict) -> tuple[str, float]:
     for key, value in task_results.items():
@@ -100,12 +103,13 @@ def plot(result: dict, path: Path) -> bool:
 
 
 def main(argv=None) -> int:
-    from .__main__ import DEMO_MODEL, DTYPES, MODES, load
 
     parser = argparse.ArgumentParser(prog="twotower eval", description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", required=True)
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=["ar", "mask_diffusion"])
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.8])
+    parser.add_argument("--modes", nargs="+", choices=GENERATION_MODES, default=["ar", "mask_diffusion"])
+    parser.add_argument(
+        "--thresholds", type=float, nargs="+", default=[MODEL_GENERATION_DEFAULTS["confidence_threshold"]]
+    )
     parser.add_argument("--model", default=str(DEMO_MODEL))
     parser.add_argument("--include-path", help="a folder of task YAML files (lm-eval's --include_path)")
     parser.add_argument("--limit", type=int)

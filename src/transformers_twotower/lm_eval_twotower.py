@@ -27,7 +27,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator
 from transformers import AutoTokenizer
 
-from .__main__ import check_device
+from .loading_twotower import check_device
 from .modeling_twotower import TwoTowerForDiffusionLM
 
 

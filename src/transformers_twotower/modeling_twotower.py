@@ -22,7 +22,8 @@ from .card_twotower import model_card
 from .configuration_twotower import TwoTowerConfig
 from .context_twotower import TwoTowerCache, TwoTowerContextTower
 from .denoiser_twotower import TwoTowerDenoiser
-from .generation_twotower import TwoTowerGenerationConfig, TwoTowerGenerationMixin
+from .generation_config_twotower import TwoTowerGenerationConfig
+from .generation_twotower import TwoTowerGenerationMixin
 from .layout_twotower import register_checkpoint_layout
 
 
