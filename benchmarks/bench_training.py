@@ -29,20 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_models(folder: str):
-    from transformers import NemotronHConfig, NemotronHForCausalLM
-
+    """The TwoTower in `folder` and transformers' Nemotron-H holding its context tower, both fp32 in train mode."""
     from transformers_twotower import TwoTowerForDiffusionLM
+    from transformers_twotower.layout_twotower import context_tower_as_nemotron_h
 
     twotower = TwoTowerForDiffusionLM.from_pretrained(folder, dtype=torch.float32).train()
-    fields = NemotronHConfig.__dataclass_fields__
-    config = NemotronHConfig(**{k: v for k, v in twotower.config.to_dict().items() if k in fields})
-    ar = NemotronHForCausalLM(config).train()
-    state = {f"model.{k}": v for k, v in twotower.context_tower.state_dict().items() if not k.startswith("lm_head.")}
-    ar.load_state_dict({**state, "lm_head.weight": twotower.context_tower.lm_head.weight})
-    for layer in ar.model.layers:  # the release's dt clamp, as the context tower has it
-        if layer.block_type == "linear_attention":
-            layer.mixer.time_step_limit = tuple(twotower.config.time_step_limit)
-    return twotower, ar
+    return twotower, context_tower_as_nemotron_h(twotower)
 
 
 def step(model, ids):

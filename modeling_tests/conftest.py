@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers_twotower import TwoTowerConfig, TwoTowerForDiffusionLM  # noqa: E402
-from transformers_twotower.__main__ import DEMO_MODEL  # noqa: E402
+from transformers_twotower.layout_twotower import context_tower_as_nemotron_h  # noqa: E402
+from transformers_twotower.loading_twotower import DEMO_MODEL  # noqa: E402
 
 
 RELEASE_FIXTURE = Path(__file__).parent / "fixtures" / "twotower_tiny_a"
@@ -110,14 +111,8 @@ def align_dt_clamp(nemotron_h, time_step_limit):
     return nemotron_h
 
 
-def nemotron_h_from_context_tower(model):
-    """transformers' own `NemotronHForCausalLM` holding a TwoTower's context tower and head (dt clamp aligned)."""
-    from transformers import NemotronHForCausalLM
-
-    reference = NemotronHForCausalLM(nemotron_h_config(model.config)).eval()
-    state = {f"model.{k}": v for k, v in model.context_tower.state_dict().items() if not k.startswith("lm_head.")}
-    reference.load_state_dict({**state, "lm_head.weight": model.context_tower.lm_head.weight})
-    return align_dt_clamp(reference, model.config.time_step_limit)
+# transformers' own `NemotronHForCausalLM` holding a TwoTower's context tower and head (dt clamp aligned).
+nemotron_h_from_context_tower = context_tower_as_nemotron_h
 
 
 def denoiser_as_context_copy(model):

@@ -31,7 +31,7 @@ import torch
 from conftest import EXPECTED_PROMPTS, RELEASE_FIXTURE, clean_ids, load_release
 
 from transformers_twotower import TwoTowerForDiffusionLM
-from transformers_twotower.__main__ import DEMO_MODEL
+from transformers_twotower.loading_twotower import DEMO_MODEL
 
 
 UNIT_ROUNDOFF = 2.0**-8

@@ -86,6 +86,7 @@ PACKAGE_CODE = {
     "metrics_twotower.py",
     "modeling_twotower.py",
     "sampling_twotower.py",
+    "training_twotower.py",
 }
 
 

@@ -19,8 +19,8 @@ from conftest import nemotron_h_from_context_tower
 lm_eval = pytest.importorskip("lm_eval", reason="the [eval] extra (lm-eval) is not installed")
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from transformers_twotower.__main__ import DEMO_MODEL  # noqa: E402
 from transformers_twotower.lm_eval_twotower import TwoTowerLM  # noqa: E402
+from transformers_twotower.loading_twotower import DEMO_MODEL  # noqa: E402
 
 
 TASK_DIR = Path(__file__).parent / "fixtures" / "eval_task"

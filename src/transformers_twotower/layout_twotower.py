@@ -77,6 +77,23 @@ def backbone_to_towers(name: str) -> list[str]:
     return [f"{CONTEXT_TOWER}.{match['rest']}", f"{DENOISER_TOWER}.{match['rest']}"]
 
 
+def context_tower_as_nemotron_h(model):
+    """transformers' own `NemotronHForCausalLM` holding a TwoTower's context tower and its head: the AR baseline,
+    with Nemotron-H's code. Its Mamba layers clamp `dt` with the config's `time_step_limit`, as the towers do
+    (transformers' Nemotron-H clamps at `time_step_min`). It shares no memory with `model` (the weights are copied)."""
+    from transformers import NemotronHForCausalLM
+
+    fields = NemotronHConfig.__dataclass_fields__
+    config = NemotronHConfig(**{k: v for k, v in model.config.to_dict().items() if k in fields})
+    nemotron_h = NemotronHForCausalLM(config).to(device=model.device, dtype=model.dtype).train(model.training)
+    state = {f"model.{k}": v for k, v in model.context_tower.state_dict().items() if not k.startswith(f"{LM_HEAD}.")}
+    nemotron_h.load_state_dict({**state, f"{LM_HEAD}.weight": model.context_tower.lm_head.weight})
+    for layer in nemotron_h.model.layers:
+        if layer.block_type == "linear_attention":
+            layer.mixer.time_step_limit = tuple(model.config.time_step_limit)
+    return nemotron_h
+
+
 def strip_release_fields(kwargs: dict) -> dict:
     """Drop, in place, what a config's kwargs carry that does not describe `TwoTowerConfig`: any `model_type` (the
     release says `nemotron_h`) and an `auto_map` naming the release's remote code. Returns `kwargs`."""

@@ -6,13 +6,14 @@
 - `denoiser_tower` (`denoiser_twotower.py`): the trained backbone with adaLN-single, joint attention and seeded Mamba;
   its head is `lm_head`;
 
-plus checkpoint loading in the release's layout, the masked-diffusion training loss, and `forward`.
+plus the module plumbing, the inference building blocks generation is made of, and `forward` (the context tower's
+logits, or the masked-diffusion loss of `training_twotower.py`). Checkpoints keep the release's layout
+(`layout_twotower.py`).
 """
 
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.utils import can_return_tuple, logging
@@ -25,6 +26,7 @@ from .denoiser_twotower import TwoTowerDenoiser
 from .generation_config_twotower import TwoTowerGenerationConfig
 from .generation_twotower import TwoTowerGenerationMixin
 from .layout_twotower import register_checkpoint_layout
+from .training_twotower import masked_diffusion_forward
 
 
 logger = logging.get_logger(__name__)
@@ -208,59 +210,7 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         noise_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self._diffusion_forward(input_ids, labels, attention_mask, noise_mask, generator)[:3]
-
-    def _diffusion_forward(self, input_ids, labels, attention_mask, noise_mask, generator, output_hidden_states=False):
-        """Block-wise masked-diffusion loss (docs/architecture.md, "Training"). Returns `(loss, logits, noise_mask)`
-        (and the denoiser's hidden states, `(B, N, H)` per layer, or None).
-
-        Per block, `t ~ U(0, 1]` and each token is masked with probability `t`; positions whose label is -100 are
-        never masked (prompt or padding stays clean context). `noise_mask` (B, N) fixes which positions are masked
-        instead. Logits are `(B, N, V)` fp32 (sequence padded to whole blocks, then trimmed back).
-        """
-        if labels.shape != input_ids.shape:
-            raise ValueError(
-                f"`labels` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(labels.shape)}."
-            )
-        batch_size, length = input_ids.shape
-        block_size, mask_id = self.config.block_size, self.config.mask_token_id
-        num_blocks = -(-length // block_size)
-        pad = num_blocks * block_size - length
-
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
-        maskable = (labels != -100) & mask.bool()
-        if noise_mask is None:
-            t = 1.0 - torch.rand(batch_size, num_blocks, 1, generator=generator, device=input_ids.device)
-            draws = torch.rand(batch_size, num_blocks, block_size, generator=generator, device=input_ids.device)
-            noise_mask = (draws < t).view(batch_size, -1)[:, :length]
-        elif noise_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"`noise_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(noise_mask.shape)}."
-            )
-        noise_mask = noise_mask.bool() & maskable
-
-        # Whole blocks: pad the tail with invisible positions.
-        clean = F.pad(input_ids, (0, pad), value=mask_id)
-        mask = F.pad(mask, (0, pad), value=0)
-        padded_noise = F.pad(noise_mask, (0, pad), value=False)
-        noisy = clean.masked_fill(padded_noise, mask_id).view(batch_size * num_blocks, block_size)
-        t = padded_noise.view(batch_size * num_blocks, block_size).float().mean(-1)  # each block's masked fraction
-
-        context = self.context_tower.training_context(clean, mask, block_size)
-        outputs = self.denoiser_tower(noisy, context, t, output_hidden_states=output_hidden_states)
-        logits = self.lm_head(outputs.last_hidden_state).float().view(batch_size, num_blocks * block_size, -1)
-        logits = logits[:, :length]
-        hidden_states = None
-        if output_hidden_states:
-            hidden_states = tuple(
-                h.view(batch_size, num_blocks * block_size, -1)[:, :length] for h in outputs.hidden_states
-            )
-
-        # The mean over masked tokens, written without data-dependent shapes (it compiles); 0 when nothing is masked.
-        targets = labels.masked_fill(~noise_mask, -100)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-        loss = loss / noise_mask.sum().clamp_min(1)
-        return loss, logits, noise_mask, hidden_states
+        return masked_diffusion_forward(self, input_ids, labels, attention_mask, noise_mask, generator)[:3]
 
     @can_return_tuple
     def forward(
@@ -302,8 +252,8 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
                     f"{sorted(recorded)} are returned for the context tower's forward (without `labels`); the "
                     "diffusion loss does not record them."
                 )
-            loss, logits, _, hidden_states = self._diffusion_forward(
-                input_ids, labels, attention_mask, noise_mask, generator, output_hidden_states
+            loss, logits, _, hidden_states = masked_diffusion_forward(
+                self, input_ids, labels, attention_mask, noise_mask, generator, output_hidden_states
             )
             return MoeCausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden_states)
         with torch.no_grad():
