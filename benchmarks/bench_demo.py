@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from transformers_twotower.metrics_twotower import generation_metrics, real_tokens
+
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "src/transformers_twotower/demo"
@@ -117,15 +119,6 @@ def mixed_scenario(tokenizer, prompts, truth) -> Scenario:
     ids = prompts.masked_fill(mask == 0, tokenizer.pad_token_id)
     blank_line = tokenizer("\n\n", add_special_tokens=False).input_ids[-1]
     return Scenario("mixed", ids, mask, truth, [blank_line, tokenizer.eos_token_id])
-
-
-def real_lengths(generated: torch.Tensor, eos: list[int]) -> torch.Tensor:
-    """Per row, how many tokens were generated: up to and including the first EOS, or all."""
-    if not eos:
-        return torch.full((generated.shape[0],), generated.shape[1])
-    is_eos = torch.isin(generated, torch.tensor(eos))
-    first = torch.where(is_eos.any(-1), is_eos.float().argmax(-1) + 1, generated.shape[1])
-    return first
 
 
 def run_mode(model, scenario: Scenario, batch_size, mode, threshold, device):
@@ -201,13 +194,15 @@ def benchmark(model, scenarios, batch_sizes, thresholds, repeats, device) -> lis
 
 def scenario_rows(scenario, batch_size, configs, times, results, top_probability, ar_correct) -> list[dict]:
     ar_generated = results[("ar", None)][0]
-    ar_real = torch.arange(CONTINUATION_TOKENS)[None] < real_lengths(ar_generated, scenario.eos)[:, None]
+    eos = scenario.eos or None
+    ar_real = real_tokens(ar_generated, eos)
     rows = []
     for config in configs:
         mode, threshold = config
         generated, nfe, context = results[config]
-        real = torch.arange(CONTINUATION_TOKENS)[None] < real_lengths(generated, scenario.eos)[:, None]
-        tokens = int(real.sum())
+        real = real_tokens(generated, eos)
+        metrics = generation_metrics(generated, nfe, eos, reference=ar_generated)
+        tokens = metrics["generated_tokens"]
         median = statistics.median(times[config])
         ar_tokens_per_second = int(ar_real.sum()) / statistics.median(times[("ar", None)])
         match = ((generated == scenario.truth) & real).sum() / tokens
@@ -220,12 +215,12 @@ def scenario_rows(scenario, batch_size, configs, times, results, top_probability
                 batch_size=batch_size,
                 exact_match=round(match.item(), 4),
                 retention=round((match / ar_match).item(), 4) if ar_match else None,
-                agreement_with_ar=round((((generated == ar_generated) & ar_real).sum() / ar_real.sum()).item(), 4),
+                agreement_with_ar=round(metrics["agreement_with_ar"], 4),
                 ar_confident_fraction=None
                 if threshold is None
                 else round((top_probability > threshold).float().mean().item(), 4),
                 ar_teacher_forced_accuracy=round(ar_correct.float().mean().item(), 4) if mode == "ar" else None,
-                tokens_per_forward=round(tokens / nfe.sum().item(), 3),
+                tokens_per_forward=round(metrics["tokens_per_forward"], 3),
                 throughput_ratio=round(tokens / median / ar_tokens_per_second, 3),
                 tokens_per_second=round(tokens / median, 1),
                 context_tokens_per_token=round(context / tokens, 3),
@@ -323,27 +318,27 @@ def demo_quality(model, prompts: torch.Tensor, args) -> int:
     (whose own distinct-2 is the reference), stored in benchmarks/results/demo_quality_<device>.json."""
     new_tokens, batch = 64, 8
 
-    def run(**options):  # generated tokens (N, 64) and denoiser forwards per generated token
-        tokens, forwards = [], 0
+    def run(**options):  # generated tokens (N, 64) and the forwards per row
+        tokens, forwards = [], []
         for i in range(0, len(prompts), batch):
             out = model.generate(
                 prompts[i : i + batch].to(args.device), max_new_tokens=new_tokens, eos_token_id=None,
                 return_dict_in_generate=True, **options,
             )  # fmt: skip
             tokens.append(out.sequences[:, -new_tokens:].cpu())
-            forwards += int(out.nfe.sum())
-        tokens = torch.cat(tokens)
-        return tokens, tokens.numel() / forwards
+            forwards.append(out.nfe.cpu())
+        return torch.cat(tokens), torch.cat(forwards)
 
     ar, _ = run(generation_mode="ar", repetition_penalty=1.0)
     rows = [dict(mode="ar", repetition_penalty=1.0, distinct_2=round(distinct_2(ar), 4), agreement_with_ar=1.0,
                  tokens_per_forward=1.0)]  # fmt: skip
     for penalty in args.penalties:
-        diffusion, per_forward = run(repetition_penalty=penalty)
+        diffusion, forwards = run(repetition_penalty=penalty)
+        metrics = generation_metrics(diffusion, forwards, reference=ar)
         rows.append({
             "mode": "mask_diffusion", "repetition_penalty": penalty, "distinct_2": round(distinct_2(diffusion), 4),
-            "agreement_with_ar": round((diffusion == ar).float().mean().item(), 4),
-            "tokens_per_forward": round(per_forward, 3),
+            "agreement_with_ar": round(metrics["agreement_with_ar"], 4),
+            "tokens_per_forward": round(metrics["tokens_per_forward"], 3),
         })  # fmt: skip
     for row in rows:
         print(f"{row['mode']:>15} penalty {row['repetition_penalty']:<5} distinct-2 {row['distinct_2']:.3f}  "

@@ -33,6 +33,7 @@ from datasets import Dataset, load_dataset
 from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
 from transformers_twotower import TwoTowerForDiffusionLM
+from transformers_twotower.metrics_twotower import generation_metrics
 
 
 def pack_for_diffusion(token_rows: list[list[int]], seq_len: int, block_size: int) -> Dataset:
@@ -127,10 +128,10 @@ def agreement_with_ar(model, prompts: torch.Tensor, new_tokens: int, batch_size:
     options = {} if threshold is None else {"confidence_threshold": threshold}
     diffusion, forwards = greedy(model, prompts, new_tokens, batch_size, generation_mode="mask_diffusion", **options)
     model.train(was_training)
+    metrics = generation_metrics(diffusion, torch.tensor([forwards]), reference=ar)  # no EOS: every token is real
     return {
         "prompts": len(prompts),
-        "tokens_per_forward": round(diffusion.numel() / forwards, 4),
-        "agreement_with_ar": round((diffusion == ar).float().mean().item(), 4),
+        **{name: round(value, 4) for name, value in metrics.items() if name != "generated_tokens"},
     }
 
 
