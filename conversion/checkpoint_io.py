@@ -36,6 +36,7 @@ from transformers_twotower import TwoTowerConfig, TwoTowerForDiffusionLM
 
 
 INDEX_NAME = "model.safetensors.index.json"
+MAX_SHARD_SIZE = "5GB"  # the converters' default, as `save_pretrained`'s
 WEIGHTS_PATTERN = "model{suffix}.safetensors"  # model.safetensors, or model-0000i-of-0000n.safetensors
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 KEEP_FP32 = ("e_score_correction_bias",)  # the router's bias stays fp32, as the release and transformers keep it
@@ -334,7 +335,7 @@ def add_output_arguments(parser: argparse.ArgumentParser):
     """The options every conversion shares: where to write, in which dtype, in shards of which size."""
     parser.add_argument("--output", required=True, help="folder to write (must be empty unless --overwrite)")
     parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="auto keeps the source dtypes")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB")
+    parser.add_argument("--max-shard-size", default=MAX_SHARD_SIZE, help="largest output shard, e.g. 5GB or 500MB")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
 

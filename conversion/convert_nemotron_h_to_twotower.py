@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from checkpoint_io import (
+    MAX_SHARD_SIZE,
     add_output_arguments,
     atomic_output_dir,
     convert_tensors,
@@ -62,7 +63,7 @@ def convert_nemotron_h_to_twotower(
     mask_token_id: int = MASK_TOKEN_ID,
     block_size: int = BLOCK_SIZE,
     dtype: str = "auto",
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int = MAX_SHARD_SIZE,
     overwrite: bool = False,
 ) -> Path:
     input_dir, output_dir = Path(input_dir), Path(output_dir)

@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from checkpoint_io import (
+    MAX_SHARD_SIZE,
     add_output_arguments,
     atomic_output_dir,
     convert_tensors,
@@ -84,7 +85,7 @@ def copy_checkpoint(input_dir, output_dir, dtype: str, max_shard_size: str | int
 
 
 def convert_release_to_package(
-    input_dir, output_dir, dtype: str = "auto", max_shard_size: str | int = "5GB", overwrite: bool = False
+    input_dir, output_dir, dtype: str = "auto", max_shard_size: str | int = MAX_SHARD_SIZE, overwrite: bool = False
 ) -> Path:
     """NVIDIA's release layout -> this package's folder (see the module docstring). Returns the output folder."""
 
@@ -95,7 +96,7 @@ def convert_release_to_package(
 
 
 def convert_package_to_release(
-    input_dir, output_dir, dtype: str = "auto", max_shard_size: str | int = "5GB", overwrite: bool = False
+    input_dir, output_dir, dtype: str = "auto", max_shard_size: str | int = MAX_SHARD_SIZE, overwrite: bool = False
 ) -> Path:
     """This package's layout -> NVIDIA's release layout (a `nemotron_h` config, no code). Returns the output folder."""
 
