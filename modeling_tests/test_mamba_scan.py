@@ -128,3 +128,19 @@ def test_dt_is_clamped_by_the_release_time_step_limit_not_time_step_min(tower):
         torch.testing.assert_close(
             from_zero, naive_seeded_mixer(mixer, hidden, zero_conv, zero_ssm)[0], rtol=1e-4, atol=1e-5
         )
+
+
+def test_the_kernel_check_agrees_with_the_path_transformers_takes(monkeypatch):
+    """`package_provides` answers as transformers binds Nemotron-H's kernelized functions: the torch fallback refuses
+    packed sequences (`seq_idx`) and says so, the package's kernel takes them. And a package that does not import
+    and a name it lacks are both "not provided"."""
+    from transformers.models.nemotron_h.modeling_nemotron_h import causal_conv1d_fn
+
+    provided = backbone_twotower.package_provides("causal_conv1d", "causal_conv1d_fn")
+    assert backbone_twotower.SHORT_BLOCK_CONV is not provided
+    if not provided:  # (the package's kernel runs on CUDA only, so only the fallback is called here)
+        with pytest.raises(ValueError, match="packed sequences"):
+            causal_conv1d_fn(torch.randn(1, 4, 6), torch.randn(4, 3), seq_idx=torch.zeros(1, 6, dtype=torch.int32))
+    assert backbone_twotower.package_provides("json", "dumps")
+    assert not backbone_twotower.package_provides("json", "no_such_function")
+    assert not backbone_twotower.package_provides("no_such_package_twotower", "anything")

@@ -1,5 +1,6 @@
 """The commit rule and the prediction step on hand-made tensors, and the block loop on a mock model."""
 
+import pytest
 import torch
 from transformers import PretrainedConfig
 
@@ -132,3 +133,38 @@ def test_committed_tokens_never_change_and_every_block_is_filled():
     # NFE against the forwards the model saw, row by row: the rows fill their blocks in different numbers of steps.
     assert torch.equal(out.nfe, model.forwards) and model.forwards[0] != model.forwards[1]
     assert model.forwards.tolist() == [len([h for h in history if h["t"][i] > 0]) for i in range(2)]
+
+
+def test_the_mixin_requires_the_host_interface():
+    """A class that mixes in `TwoTowerGenerationMixin` without `GenerationHost`'s methods is refused when it is
+    defined, naming what it lacks (instead of an AttributeError in the middle of `generate`)."""
+    with pytest.raises(TypeError, match=r"\['denoise_step'\]"):
+
+        class NoDenoiser(TwoTowerGenerationMixin):
+            def prefill(self, input_ids, attention_mask=None, keep_behind=True): ...
+
+            def extend_context(self, cache, token_ids, keep_behind=True): ...
+
+
+def test_the_release_functions_are_generate_release_with_the_mode():
+    """The three release functions are one: each runs `generate` in its mode with the release's defaults (for mask
+    diffusion the release's threshold 0.9 and its EOS rule, the block kept whole); past `max_new_tokens` they take
+    keywords, so a call written for another function's positions is refused instead of mis-read."""
+    seen = []
+    model = MockTwoTower()
+    model.generate = lambda input_ids, generation_config, **kwargs: seen.append(generation_config) or input_ids
+    ids = torch.tensor([[5, 6, 7]])
+    model.generate_mask_diffusion(ids, 8, block_size=4)
+    model.generate_ar(ids, 8, temperature=0.5, top_p=0.9)
+    model.generate_mock_ar(ids, 8)
+    diffusion, ar, mock_ar = seen
+    assert (diffusion.generation_mode, diffusion.confidence_threshold, diffusion.keep_eos_block) == (
+        "mask_diffusion", 0.9, True
+    )  # fmt: skip
+    assert (diffusion.block_size, diffusion.steps_per_block, diffusion.do_sample) == (4, 16, False)
+    assert (ar.generation_mode, ar.do_sample, ar.temperature, ar.top_p) == ("ar", True, 0.5, 0.9)
+    assert (mock_ar.generation_mode, mock_ar.keep_eos_block, mock_ar.max_new_tokens) == ("mock_ar", None, 8)
+    with pytest.raises(TypeError):
+        model.generate_mask_diffusion(ids, 8, 4)  # the release's block_size, positionally
+    with pytest.raises(ValueError, match="step_callback"):
+        model.generate_ar(ids, 8, step_callback=print)
