@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from transformers_twotower.defaults_twotower import MODEL_GENERATION_DEFAULTS as PUBLISHED  # the operating point
 from transformers_twotower.metrics_twotower import generation_metrics, real_tokens
 
 
@@ -139,8 +140,8 @@ def run_mode(model, scenario: Scenario, batch_size, mode, threshold, device):
                 attention_mask=mask,
                 generation_mode=mode,
                 max_new_tokens=CONTINUATION_TOKENS,
-                block_size=16,
-                steps_per_block=16,
+                block_size=PUBLISHED["block_size"],
+                steps_per_block=PUBLISHED["steps_per_block"],
                 confidence_threshold=threshold,
                 repetition_penalty=1.0,  # plain greedy (the demo's generation config: 1.2)
                 eos_token_id=scenario.eos or None,
@@ -170,11 +171,15 @@ def ar_confidence(model, prompts, truth, device) -> tuple[torch.Tensor, torch.Te
 def benchmark(model, scenarios, batch_sizes, thresholds, repeats, device) -> list[dict]:
     top_probability, ar_correct = ar_confidence(model, scenarios[0].prompts, scenarios[0].truth, device)
     rows = []
-    total = sum(len(batch_sizes) * repeats * (1 + len(thresholds if s.name == "plain" else [0.8])) for s in scenarios)
+    mixed_thresholds = [PUBLISHED["confidence_threshold"]]
+    total = sum(
+        len(batch_sizes) * repeats * (1 + len(thresholds if s.name == "plain" else mixed_thresholds))
+        for s in scenarios
+    )
     with tqdm(total=total, desc="bench", unit="run") as bar:
         for scenario in scenarios:
             configs = [("ar", None)] + [
-                ("mask_diffusion", t) for t in (thresholds if scenario.name == "plain" else [0.8])
+                ("mask_diffusion", t) for t in (thresholds if scenario.name == "plain" else mixed_thresholds)
             ]
             for batch_size in batch_sizes:
                 times = {c: [] for c in configs}

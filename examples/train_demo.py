@@ -213,7 +213,7 @@ def main(argv=None):
         tokenizer.save_pretrained(scratch / "backbone")
 
         # 3. TwoTower from the backbone; train the denoiser.
-        convert_nemotron_h_to_twotower(scratch / "backbone", scratch / "twotower", mask_token_id=3, block_size=16)
+        convert_nemotron_h_to_twotower(scratch / "backbone", scratch / "twotower")  # block 16, mask id 3
         model = TwoTowerForDiffusionLM.from_pretrained(scratch / "twotower", dtype=torch.float32)
         log["twotower_parameters"] = sum(p.numel() for p in model.parameters())
         train(model, data, args.denoiser_steps, args.batch_size, 1e-3, args.seed + 1, "denoiser", log)
