@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import pytest
 import torch
 from conftest import clean_ids, left_pad, tiny_model
 
@@ -59,6 +60,21 @@ def test_later_blocks_change_nothing_in_earlier_ones(model):
     # Identical up to float summation order (experts batch tokens differently).
     torch.testing.assert_close(changed[:, : 2 * S], base[:, : 2 * S], rtol=0, atol=1e-6)
     assert (changed[:, 2 * S :] - base[:, 2 * S :]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("num_blocks", [1, 2])
+def test_a_masked_block_never_sees_its_own_clean_tokens(model, num_blocks):
+    """With every position of the last block masked, its logits do not depend on what its clean tokens were: the
+    context it reads ends where it starts. One block alone included (its context is empty)."""
+    S = model.config.block_size
+    ids = clean_ids(model, 1, num_blocks * S)
+    noise = torch.zeros_like(ids, dtype=torch.bool)
+    noise[:, -S:] = True
+    changed = ids.clone()
+    changed[:, -S:] = clean_ids(model, 1, S, seed=7)
+    assert not torch.equal(changed, ids)
+    logits = model(ids, labels=ids, noise_mask=noise).logits[:, -S:]
+    torch.testing.assert_close(model(changed, labels=changed, noise_mask=noise).logits[:, -S:], logits)
 
 
 def test_loss_is_cross_entropy_on_masked_positions_only(model):

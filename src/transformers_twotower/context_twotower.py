@@ -157,8 +157,8 @@ def denoiser_view(
         return DenoiserContext(keys, values, conv_history, ssm_states, None, num_blocks, True, key_padding)
 
     mask = None
-    if not key_real.all():
-        device, length = context_real.device, context_real.shape[1]
+    device, length = context_real.device, context_real.shape[1]
+    if not key_real.all() or context_ends[0] < length:  # (training's one block sees no context: < 0 * S)
         sees_context = torch.arange(length, device=device)[None, :] < context_ends[0]  # (1, T)
         sees_block = torch.ones(block_length, block_length, dtype=torch.bool, device=device)
         visible = torch.cat([sees_context.expand(block_length, -1), sees_block], dim=1)[None]  # (1, L, T + L)
