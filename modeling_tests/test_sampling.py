@@ -168,3 +168,5 @@ def test_the_release_functions_are_generate_release_with_the_mode():
         model.generate_mask_diffusion(ids, 8, 4)  # the release's block_size, positionally
     with pytest.raises(ValueError, match="step_callback"):
         model.generate_ar(ids, 8, step_callback=print)
+    with pytest.raises(ValueError, match=r"\['block_size', 'confidence_threshold'\]"):
+        model.generate_mock_ar(ids, 8, confidence_threshold=5.0, block_size=4)  # mask diffusion's, not ignored

@@ -2,8 +2,9 @@
 "Generation").
 
 Data flows one way: prompt -> `prefill` (cache) -> block loop -> step loop -> committed tokens -> `extend_context`.
-The loops call the model only through `GenerationHost`, and decode either from the growing cache (`CacheDecoder`,
-eager) or from the static decode state and its compiled steps (`StateDecoder`, `compile=True`).
+Eager, the loops call the model only through `GenerationHost` and decode from the growing cache (`CacheDecoder`);
+with `compile=True` they decode from the static decode state and its compiled steps (`StateDecoder`), which
+`decoding_twotower` builds from `TwoTowerForDiffusionLM`'s towers and heads.
 """
 
 import math
@@ -23,7 +24,8 @@ from .sampling_twotower import commit_mask, predict_tokens
 
 class GenerationHost(Protocol):
     """What `TwoTowerGenerationMixin` requires of the model it is mixed into (`TwoTowerForDiffusionLM`; the tests'
-    mock model implements it too). Every method is documented where the model defines it."""
+    mock model implements it too) for eager generation. Every method is documented where the model defines it;
+    `compile=True` also needs the model's `device`, towers and heads (`decoding_twotower`)."""
 
     config: "TwoTowerConfig"  # noqa: F821 (read: `vocab_size`, `pad_token_id`, `max_position_embeddings`)
     generation_config: TwoTowerGenerationConfig
@@ -38,7 +40,7 @@ class GenerationHost(Protocol):
         """The denoiser's fp32 logits for noisy blocks after the cached context."""
 
 
-HOST_METHODS = ("prefill", "extend_context", "denoise_step")
+HOST_METHODS = tuple(name for name, value in vars(GenerationHost).items() if callable(value) and name[0] != "_")
 
 
 class CacheDecoder:
@@ -122,7 +124,7 @@ def make_decoder(model, input_ids, attention_mask, config, keep_behind: bool) ->
     return StateDecoder(StaticSteps(model, state, compile_config), cache.next_token_logits)
 
 
-def generate_mask_diffusion(
+def run_mask_diffusion(
     model: GenerationHost, input_ids, attention_mask, config, controls, stops, streamer, generator,
     step_callback: Callable[[DiffusionStep], None] | None = None, history: list | None = None,
     custom_stops: bool = False,
@@ -189,7 +191,7 @@ def generate_mask_diffusion(
     return tracker.output(record)
 
 
-def generate_autoregressive(
+def run_autoregressive(
     model: GenerationHost, input_ids, attention_mask, config, processors, stops, streamer, generator
 ) -> TwoTowerGenerationOutput:
     """AR (the context tower's next-token logits) and Mock-AR (the denoiser re-reading the last token from the
@@ -227,4 +229,4 @@ def generate_autoregressive(
     return result
 
 
-__all__ = ["GenerationHost", "generate_autoregressive", "generate_mask_diffusion"]
+__all__ = ["GenerationHost", "run_autoregressive", "run_mask_diffusion"]

@@ -6,17 +6,24 @@ The generation config and outputs live in `generation_config_twotower`, argument
 reading `generation_config.json` at `from_pretrained`.
 """
 
+import inspect
 from collections.abc import Callable
-from functools import partialmethod
 
 import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from .defaults_twotower import BLOCK_SIZE, MASK_TOKEN_ID, RELEASE_FUNCTION_THRESHOLD, TWOTOWER_GENERATION_DEFAULTS
+from .defaults_twotower import (
+    BLOCK_SIZE,
+    GENERATION_MODES,
+    MASK_TOKEN_ID,
+    MODEL_GENERATION_DEFAULTS,
+    RELEASE_FUNCTION_THRESHOLD,
+    TWOTOWER_GENERATION_DEFAULTS,
+)
 from .generation_arguments_twotower import GenerationArguments, replaced
 from .generation_config_twotower import DiffusionStep, TwoTowerGenerationConfig, TwoTowerGenerationOutput
-from .generation_loops_twotower import HOST_METHODS, generate_autoregressive, generate_mask_diffusion
+from .generation_loops_twotower import HOST_METHODS, run_autoregressive, run_mask_diffusion
 
 
 class TwoTowerGenerationMixin(GenerationArguments):
@@ -86,7 +93,7 @@ class TwoTowerGenerationMixin(GenerationArguments):
         )  # fmt: skip
         if config.generation_mode == "mask_diffusion":
             history = [] if config.output_history else None
-            result = generate_mask_diffusion(
+            result = run_mask_diffusion(
                 self, input_ids, attention_mask, config, processors, stops, streamer, generator, step_callback,
                 history, custom_stops=bool(stopping_criteria),
             )  # fmt: skip
@@ -94,7 +101,7 @@ class TwoTowerGenerationMixin(GenerationArguments):
         else:
             if step_callback is not None:
                 raise ValueError("`step_callback` is only available in `mask_diffusion` mode.")
-            result = generate_autoregressive(
+            result = run_autoregressive(
                 self, input_ids, attention_mask, config, processors, stops, streamer, generator
             )
         if streamer is not None:
@@ -105,17 +112,17 @@ class TwoTowerGenerationMixin(GenerationArguments):
         self,
         generation_mode: str,
         input_ids: torch.LongTensor,
-        max_new_tokens: int = 128,
+        max_new_tokens: int = MODEL_GENERATION_DEFAULTS["max_new_tokens"],
         *,
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
         eos_token_id: int | None = None,
         attention_mask: torch.Tensor | None = None,
-        block_size: int = BLOCK_SIZE,
-        steps_per_block: int = TWOTOWER_GENERATION_DEFAULTS["steps_per_block"],
-        mask_token_id: int = MASK_TOKEN_ID,
-        confidence_threshold: float = RELEASE_FUNCTION_THRESHOLD,
+        block_size: int | None = None,
+        steps_per_block: int | None = None,
+        mask_token_id: int | None = None,
+        confidence_threshold: float | None = None,
         step_callback: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     ) -> torch.LongTensor:
         """The release's generation functions, as one: prompt + generated ids. `generate_mask_diffusion`,
@@ -123,9 +130,14 @@ class TwoTowerGenerationMixin(GenerationArguments):
         arguments are keywords. `temperature > 0` samples (with `top_k` / `top_p`), else greedy.
 
         Mask diffusion follows the release's EOS rule: generation ends after the block holding EOS, which is kept
-        whole; `step_callback(block_before_step, logits)` is called at every denoiser step. The autoregressive modes
-        stop right after EOS; the block fields and `step_callback` are mask diffusion's only.
+        whole; `step_callback(block_before_step, logits)` is called at every denoiser step. Its fields default to the
+        release function's: block 16, 16 steps, mask id 3, threshold 0.9. The autoregressive modes stop right after
+        EOS and refuse mask diffusion's fields.
         """
+        diffusion = dict(
+            block_size=block_size, steps_per_block=steps_per_block, mask_token_id=mask_token_id,
+            confidence_threshold=confidence_threshold, step_callback=step_callback,
+        )  # fmt: skip
         sampling = temperature is not None and temperature > 0
         fields = dict(
             generation_mode=generation_mode, max_new_tokens=max_new_tokens, do_sample=sampling,
@@ -134,21 +146,22 @@ class TwoTowerGenerationMixin(GenerationArguments):
             pad_token_id=self.generation_config.pad_token_id,
         )  # fmt: skip
         if generation_mode == "mask_diffusion":
+            release = dict(
+                block_size=BLOCK_SIZE, mask_token_id=MASK_TOKEN_ID, confidence_threshold=RELEASE_FUNCTION_THRESHOLD
+            )
+            release["steps_per_block"] = TWOTOWER_GENERATION_DEFAULTS["steps_per_block"]
             fields.update(
-                block_size=block_size, steps_per_block=steps_per_block, mask_token_id=mask_token_id,
-                confidence_threshold=confidence_threshold, keep_eos_block=True,
-            )  # fmt: skip
-        elif step_callback is not None:
-            raise ValueError("`step_callback` is only available in `mask_diffusion` mode.")
+                keep_eos_block=True, **{k: release[k] if diffusion[k] is None else diffusion[k] for k in release}
+            )
+        else:
+            given = sorted(name for name, value in diffusion.items() if value is not None)
+            if given:
+                raise ValueError(f"{given} belong to `mask_diffusion` mode, not to {generation_mode!r}.")
         observer = None if step_callback is None else (lambda step: step_callback(step.tokens, step.logits))
         return self.generate(
             input_ids, generation_config=TwoTowerGenerationConfig(**fields), attention_mask=attention_mask,
             step_callback=observer,
         )  # fmt: skip
-
-    generate_mask_diffusion = partialmethod(generate_release, "mask_diffusion")
-    generate_mock_ar = partialmethod(generate_release, "mock_ar")
-    generate_ar = partialmethod(generate_release, "ar")
 
     def adjust_generation_fn(
         self, generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path, **kwargs
@@ -167,6 +180,25 @@ class TwoTowerGenerationMixin(GenerationArguments):
             )
         except OSError:
             pass
+
+
+def _release_alias(mode: str):
+    """The release's function `generate_<mode>`: `generate_release` with the mode given."""
+
+    def alias(self, input_ids, *args, **kwargs):
+        return self.generate_release(mode, input_ids, *args, **kwargs)
+
+    signature = inspect.signature(TwoTowerGenerationMixin.generate_release)
+    alias.__signature__ = signature.replace(
+        parameters=[p for name, p in signature.parameters.items() if name != "generation_mode"]
+    )
+    alias.__name__ = alias.__qualname__ = f"generate_{mode}"
+    alias.__doc__ = f"`generate_release({mode!r}, ...)`: the release's `generate_{mode}` (see `generate_release`)."
+    return alias
+
+
+for _mode in GENERATION_MODES:
+    setattr(TwoTowerGenerationMixin, f"generate_{_mode}", _release_alias(_mode))
 
 
 __all__ = ["DiffusionStep", "TwoTowerGenerationConfig", "TwoTowerGenerationMixin", "TwoTowerGenerationOutput"]
