@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from huggingface_hub.serialization._base import parse_size_to_int  # how save_pretrained reads a shard size
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -36,7 +35,7 @@ from transformers_twotower import TwoTowerConfig, TwoTowerForDiffusionLM
 
 
 INDEX_NAME = "model.safetensors.index.json"
-MAX_SHARD_SIZE = "5GB"  # the converters' default, as `save_pretrained`'s
+MAX_SHARD_SIZE = "5GB"  # the converters' default (the Hub's usual shard size; `save_pretrained`'s is 50GB)
 WEIGHTS_PATTERN = "model{suffix}.safetensors"  # model.safetensors, or model-0000i-of-0000n.safetensors
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 KEEP_FP32 = ("e_score_correction_bias",)  # the router's bias stays fp32, as the release and transformers keep it
@@ -148,19 +147,18 @@ def check_index_matches_shards(folder: Path, shards: list[Path]):
 # Writing
 
 
-def max_shard_bytes(size: str | int) -> int:
-    """`--max-shard-size` in bytes, read as `save_pretrained(max_shard_size=...)` reads it ('5GB', '500MB': decimal
-    units)."""
-    if isinstance(size, int):
-        number = size
-    else:
-        try:
-            number = parse_size_to_int(size)
-        except ValueError:
-            number = 0
-    if number < 1:
+def check_shard_size(size: str | int) -> str | int:
+    """`--max-shard-size` as `save_pretrained(max_shard_size=...)` reads it: huggingface_hub's sharding parses it
+    ('5GB', '500MB': decimal units, TB to KB). Refused: what it cannot parse, and a limit under 2 bytes (zero or
+    negative), seen as two 1-byte tensors that would not share a shard."""
+    probe = {name: torch.empty(1, dtype=torch.uint8, device="meta") for name in ("a", "b")}
+    try:
+        unusable = split_torch_state_dict_into_shards(probe, max_shard_size=size).is_sharded
+    except (ValueError, TypeError):
+        unusable = True
+    if unusable:
         raise CheckpointError(f"cannot read the shard size {size!r}; write it like '5GB' or '500MB'")
-    return number
+    return size
 
 
 @contextmanager
@@ -274,7 +272,7 @@ def convert_tensors(
     Streaming: the output is planned from the source's headers (names, shapes, dtypes), checked against `expected`,
     split into shards as `save_pretrained` splits a state dict, then written one output shard at a time, each tensor
     read by name from its source shard. Memory holds one output shard, never the model."""
-    limit = max_shard_bytes(max_shard_size)
+    limit = check_shard_size(max_shard_size)
     shards = list_shards(input_dir)
     check_index_matches_shards(input_dir, shards)
     planned: dict[str, torch.Tensor] = {}  # output name -> a meta tensor of its shape and dtype
