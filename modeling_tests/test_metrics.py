@@ -32,16 +32,23 @@ def test_agreement_counts_the_references_real_tokens_across_widths():
 
 
 def test_generate_reports_the_same_tokens_per_forward():
-    """`generate`'s per-row tokens per forward, summed back to tokens, equals the metrics' count of real tokens."""
+    """`generate`'s count of real tokens per row is the padding rule's, and its tokens per forward is the metrics'.
+    With the release's EOS rule (`keep_eos_block`) it counts the whole last block, and the metrics follow it when
+    given that count."""
     model = tiny_model(seed=3)
     ids, mask = left_pad(clean_rows(model, [3, 9, 5, 7], seed=4))
-    kwargs = dict(max_new_tokens=16, return_dict_in_generate=True, **DIFFUSION)
+    kwargs = dict(max_new_tokens=16, return_dict_in_generate=True, pad_token_id=0, **DIFFUSION)
     free = model.generate(ids, attention_mask=mask, eos_token_id=None, **kwargs).sequences[:, ids.shape[1] :]
-    eos = free[0, 5].item()  # a token row 0 produces, so at least one row ends early
-    out = model.generate(ids, attention_mask=mask, eos_token_id=eos, pad_token_id=0, **kwargs)
+    eos = free[0, 5].item()  # a token row 0 produces inside its second block, so at least one row ends early
+    out = model.generate(ids, attention_mask=mask, eos_token_id=eos, **kwargs)
     generated = out.sequences[:, ids.shape[1] :]
     metrics = generation_metrics(generated, out.nfe, eos_token_id=eos)
-    per_row = (out.tokens_per_forward * out.nfe).round().long()
-    assert per_row.tolist() == real_tokens(generated, eos).sum(-1).tolist()
-    assert int(per_row.sum()) == metrics["generated_tokens"] < generated.numel()
+    assert out.num_generated.tolist() == real_tokens(generated, eos).sum(-1).tolist()
+    assert int(out.num_generated.sum()) == metrics["generated_tokens"] < generated.numel()
     assert metrics["tokens_per_forward"] == pytest.approx(metrics["generated_tokens"] / int(out.nfe.sum()))
+    torch.testing.assert_close(out.tokens_per_forward, out.num_generated / out.nfe)
+
+    whole = model.generate(ids, attention_mask=mask, eos_token_id=eos, keep_eos_block=True, **kwargs)
+    generated = whole.sequences[:, ids.shape[1] :]
+    given = generation_metrics(generated, whole.nfe, eos_token_id=eos, num_generated=whole.num_generated)
+    assert given["generated_tokens"] == int(whole.num_generated.sum()) > int(real_tokens(generated, eos).sum())

@@ -115,7 +115,9 @@ class TwoTowerGenerationOutput(ModelOutput):
     sequences: `(B, prompt + generated)` token ids; after a row's EOS, `pad_token_id`.
     nfe: `(B,)` model forwards that predicted tokens for each row (denoiser forwards in the diffusion and Mock-AR
         modes, context-tower forwards in AR mode).
-    tokens_per_forward: `(B,)` generated tokens (up to and including EOS) per forward.
+    num_generated: `(B,)` each row's generated tokens: up to and including the EOS or the token a stop ended it on
+        (with `keep_eos_block`, its whole last block); what follows is padding.
+    tokens_per_forward: `(B,)` `num_generated` per forward (`metrics_twotower.tokens_per_forward`).
     history: with `output_history=True` in diffusion mode, one [`DiffusionStep`] per denoiser step (without logits).
     scores: with `output_scores=True`, one `(B, V)` tensor per generated position: the processed scores the token was
         chosen from (in mask diffusion, at the step that committed it). As transformers' `scores`, so
@@ -128,6 +130,7 @@ class TwoTowerGenerationOutput(ModelOutput):
     sequences: torch.LongTensor | None = None
     nfe: torch.LongTensor | None = None
     tokens_per_forward: torch.FloatTensor | None = None
+    num_generated: torch.LongTensor | None = None
     history: tuple[DiffusionStep, ...] | None = None
     scores: tuple[torch.FloatTensor, ...] | None = None
     logits: tuple[torch.FloatTensor, ...] | None = None

@@ -76,7 +76,10 @@ class RowTracker:
         keep = int(self.num_generated.max()) if self.finished.all() else generated.shape[1]
         sequences = self.sequences[:, : self.prompt_length + keep]
         output = TwoTowerGenerationOutput(
-            sequences=sequences, nfe=self.nfe, tokens_per_forward=tokens_per_forward(self.num_generated, self.nfe)
+            sequences=sequences,
+            nfe=self.nfe,
+            tokens_per_forward=tokens_per_forward(self.num_generated, self.nfe),
+            num_generated=self.num_generated,
         )
         if record is not None:
             output.scores, output.logits, output.commit_steps = record.output(keep)

@@ -186,7 +186,7 @@ class TwoTowerLM(TemplateLM):
                 results.append(text)
                 self.cache_hook.add_partial("generate_until", (context, all_kwargs[0]), text)
             self.nfe += int(out.nfe.sum())
-            self.generated_tokens += int((out.tokens_per_forward * out.nfe).round().sum())
+            self.generated_tokens += int(out.num_generated.sum())
         return collator.get_original(results)
 
     def get_model_info(self) -> dict:

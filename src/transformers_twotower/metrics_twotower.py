@@ -1,7 +1,9 @@
-"""Generation metrics, defined once: `generate`'s outputs, the examples and the benchmarks all use these.
+"""Generation metrics, defined once: `generate`'s outputs, the harness, the examples and the benchmarks use these.
 
 The padding rule: a row's generated tokens are real up to and including its first EOS, and what follows is padding
 (transformers' rule); without an EOS id every generated position is real. Every metric counts real tokens only.
+`generate` applies the rule as it commits and also ends a row at a stop string or criterion (its `num_generated`);
+`real_tokens` applies it to ids afterwards, for runs whose only stop is EOS, unless the row lengths are given.
 """
 
 import torch
@@ -25,15 +27,19 @@ def generation_metrics(
     nfe: torch.LongTensor,
     eos_token_id: int | list[int] | None = None,
     reference: torch.LongTensor | None = None,
+    num_generated: torch.LongTensor | None = None,
 ) -> dict[str, float | int]:
     """A batch's metrics: `generated_tokens` (real ones), `tokens_per_forward` over the batch and, with `reference`
     (another mode's generated ids for the same prompts, usually AR's), `agreement_with_ar`: the fraction of the
     reference's real tokens that `generated` has at the same position.
 
     generated, reference: `(B, N)` and `(B, N')` generated ids (prompts excluded; the widths may differ, as `generate`
-    drops trailing columns that are padding in every row); nfe: `(B,)`, `generate`'s `nfe`.
+    drops trailing columns that are padding in every row); nfe: `(B,)`, `generate`'s `nfe`; num_generated: `(B,)`,
+    `generate`'s count of each row's real tokens, which then decides instead of `eos_token_id` (for `generated`).
     """
     real = real_tokens(generated, eos_token_id)
+    if num_generated is not None:
+        real = torch.arange(generated.shape[1], device=generated.device) < num_generated[:, None].to(generated.device)
     metrics = {
         "generated_tokens": int(real.sum()),
         "tokens_per_forward": tokens_per_forward(real.sum(), nfe.sum()).item(),
