@@ -104,12 +104,13 @@ def main(argv=None) -> int:
         )
     )
 
-    # Denoising: one step over a block of 16 after a 512-token prompt.
+    # Denoising: one step over a block (the model's size) after a 512-token prompt, 5 of its tokens committed.
     model = load().eval()
     prompt = torch.randint(4, vocab, (1, 512), generator=generator)
-    block = torch.full((1, 16), model.config.mask_token_id)
+    size = model.config.block_size
+    block = torch.full((1, size), model.config.mask_token_id)
     block[0, :5] = torch.randint(4, vocab, (5,), generator=generator)
-    t = torch.tensor([11 / 16])
+    t = torch.tensor([(size - 5) / size])
     cache = model.prefill(prompt)
     eager_denoiser = model.denoiser_tower
     compiled_denoiser = torch.compile(eager_denoiser, backend=args.backend)

@@ -188,7 +188,7 @@ def benchmark(model, scenarios, batch_sizes, thresholds, repeats, device) -> lis
                     for config in configs:
                         mode, threshold = config
                         generated, seconds, nfe, context = run_mode(
-                            model, scenario, batch_size, mode, threshold or 0.8, device
+                            model, scenario, batch_size, mode, threshold or PUBLISHED["confidence_threshold"], device
                         )
                         times[config].append(seconds)
                         results[config] = (generated, nfe, context)

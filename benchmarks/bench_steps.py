@@ -33,10 +33,12 @@ from pathlib import Path
 
 import torch
 
+from transformers_twotower.defaults_twotower import BLOCK_SIZE
+
 
 ROOT = Path(__file__).resolve().parent.parent
 RELEASE_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"  # Nemotron-3-Nano-30B-A3B, 52 layers
-BLOCK = 16
+BLOCK = BLOCK_SIZE  # the release's block
 RELEASE_SPEEDUP = 2.42
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from transformers_twotower import TwoTowerForDiffusionLM
+from transformers_twotower.defaults_twotower import GENERATION_MODES
 
 
 checkpoint = (
@@ -25,7 +26,7 @@ width = max(map(len, prompts))
 input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
 attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
 
-for mode in ("mask_diffusion", "mock_ar", "ar"):
+for mode in GENERATION_MODES:
     out = model.generate(
         input_ids,
         attention_mask=attention_mask,

@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers_twotower import TwoTowerConfig, TwoTowerForDiffusionLM  # noqa: E402
-from transformers_twotower.layout_twotower import context_tower_as_nemotron_h  # noqa: E402
 from transformers_twotower.loading_twotower import DEMO_MODEL  # noqa: E402
 
 
@@ -109,10 +108,6 @@ def align_dt_clamp(nemotron_h, time_step_limit):
         if layer.block_type == "linear_attention":
             layer.mixer.time_step_limit = tuple(time_step_limit)
     return nemotron_h
-
-
-# transformers' own `NemotronHForCausalLM` holding a TwoTower's context tower and head (dt clamp aligned).
-nemotron_h_from_context_tower = context_tower_as_nemotron_h
 
 
 def denoiser_as_context_copy(model):

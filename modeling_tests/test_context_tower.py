@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from conftest import clean_ids, denoiser_as_context_copy, left_pad, nemotron_h_from_context_tower, tiny_model
+from conftest import clean_ids, denoiser_as_context_copy, left_pad, tiny_model
 
 from transformers_twotower import TwoTowerCache
+from transformers_twotower.layout_twotower import context_tower_as_nemotron_h
 
 
 def assert_same_context(a: TwoTowerCache, b: TwoTowerCache, atol=1e-5):
@@ -40,7 +41,7 @@ def test_forward_last_logits_equal_prefill(model):
 
 def test_context_tower_matches_transformers_nemotron_h(model):
     """The context tower is transformers' Nemotron-H once its dt clamp follows `time_step_limit`."""
-    reference = nemotron_h_from_context_tower(model)
+    reference = context_tower_as_nemotron_h(model)
     ids = clean_ids(model, 2, 11)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)

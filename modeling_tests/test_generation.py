@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DIFFUSION, clean_rows, left_pad, nemotron_h_from_context_tower, tiny_model, word_tokenizer
+from conftest import DIFFUSION, clean_rows, left_pad, tiny_model, word_tokenizer
 from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
@@ -17,6 +17,7 @@ from transformers_twotower import (
     generation_loops_twotower,
 )
 from transformers_twotower.defaults_twotower import GENERATION_MODES
+from transformers_twotower.layout_twotower import context_tower_as_nemotron_h
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +189,7 @@ def test_one_token_prompt(model, mode):
 
 
 def test_ar_mode_equals_transformers_nemotron_h_generate(model):
-    reference = nemotron_h_from_context_tower(model)  # the release's dt clamp (none)
+    reference = context_tower_as_nemotron_h(model)  # the release's dt clamp (none)
     ids = torch.tensor(clean_rows(model, [7]))
     expected = reference.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(model.generate(ids, generation_mode="ar", max_new_tokens=10, eos_token_id=None), expected)

@@ -3,11 +3,12 @@ stock transformers model applies them, in mask diffusion position by position, o
 
 import pytest
 import torch
-from conftest import DIFFUSION, clean_ids, nemotron_h_from_context_tower, tiny_model
+from conftest import DIFFUSION, clean_ids, tiny_model
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation import RepetitionPenaltyLogitsProcessor, StopStringCriteria
 
 from transformers_twotower.defaults_twotower import GENERATION_MODES
+from transformers_twotower.layout_twotower import context_tower_as_nemotron_h
 
 
 EOS = 2
@@ -20,7 +21,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def stock(model):
-    return nemotron_h_from_context_tower(model)
+    return context_tower_as_nemotron_h(model)
 
 
 # --- AR: the stock model's tokens, for every processor transformers builds -------------------------------------------

@@ -15,6 +15,7 @@ with safe_open(RELEASE_FIXTURE / "expected.safetensors", "pt") as recorded:
         for name in recorded.keys()
         if name.startswith("diffusion/") and name.endswith("/step_logits")
     )
+assert len(STEP_LOGITS_RECORDED) == 3, STEP_LOGITS_RECORDED  # the step tests below must not parametrize over nothing
 PROMPTS = sorted(EXPECTED["prompts"])
 
 

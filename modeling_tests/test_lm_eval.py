@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import nemotron_h_from_context_tower
 
 
 lm_eval = pytest.importorskip("lm_eval", reason="the [eval] extra (lm-eval) is not installed")
 from lm_eval.api.instance import Instance  # noqa: E402
 
+from transformers_twotower.layout_twotower import context_tower_as_nemotron_h  # noqa: E402
 from transformers_twotower.lm_eval_twotower import TwoTowerLM  # noqa: E402
 from transformers_twotower.loading_twotower import DEMO_MODEL  # noqa: E402
 
@@ -29,7 +29,7 @@ ROWS = [json.loads(line) for line in (TASK_DIR / "code_task.jsonl").read_text().
 
 @pytest.fixture(scope="module")
 def stock(demo):
-    return nemotron_h_from_context_tower(demo[0])
+    return context_tower_as_nemotron_h(demo[0])
 
 
 def requests(kind: str, arguments: list[tuple]) -> list[Instance]:

@@ -130,17 +130,27 @@ def test_dt_is_clamped_by_the_release_time_step_limit_not_time_step_min(tower):
         )
 
 
-def test_the_kernel_check_agrees_with_the_path_transformers_takes(monkeypatch):
-    """`package_provides` answers as transformers binds Nemotron-H's kernelized functions: the torch fallback refuses
-    packed sequences (`seq_idx`) and says so, the package's kernel takes them. And a package that does not import
-    and a name it lacks are both "not provided"."""
-    from transformers.models.nemotron_h.modeling_nemotron_h import causal_conv1d_fn
+def test_the_kernel_check_agrees_with_the_path_transformers_takes():
+    """`SHORT_BLOCK_CONV` / `SHORT_BLOCK_SCAN` (no package, by `package_provides`) hold exactly when transformers
+    bound its torch fallback: only the fallback refuses packed sequences (`seq_idx`) with its "packed sequences"
+    message. A package that does not import, and a name it lacks, are "not provided"."""
+    from transformers.models.nemotron_h.modeling_nemotron_h import causal_conv1d_fn, mamba2_chunk_scan
 
-    provided = backbone_twotower.package_provides("causal_conv1d", "causal_conv1d_fn")
-    assert backbone_twotower.SHORT_BLOCK_CONV is not provided
-    if not provided:  # (the package's kernel runs on CUDA only, so only the fallback is called here)
-        with pytest.raises(ValueError, match="packed sequences"):
-            causal_conv1d_fn(torch.randn(1, 4, 6), torch.randn(4, 3), seq_idx=torch.zeros(1, 6, dtype=torch.int32))
+    packed = {"seq_idx": torch.zeros(1, 6, dtype=torch.int32)}
+    calls = {
+        "SHORT_BLOCK_CONV": lambda: causal_conv1d_fn(torch.randn(1, 4, 6), torch.randn(4, 3), **packed),
+        "SHORT_BLOCK_SCAN": lambda: mamba2_chunk_scan(
+            torch.randn(1, 6, 2, 4), torch.rand(1, 6, 2), -torch.ones(2), torch.randn(1, 6, 1, 3),
+            torch.randn(1, 6, 1, 3), chunk_size=4, **packed,
+        ),
+    }  # fmt: skip
+    for flag, call in calls.items():
+        try:
+            call()
+            refused = False
+        except Exception as error:  # the kernels may also refuse CPU tensors: only the fallback's message counts
+            refused = "packed sequences" in str(error)
+        assert refused == getattr(backbone_twotower, flag), flag
     assert backbone_twotower.package_provides("json", "dumps")
     assert not backbone_twotower.package_provides("json", "no_such_function")
     assert not backbone_twotower.package_provides("no_such_package_twotower", "anything")

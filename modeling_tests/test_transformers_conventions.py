@@ -12,13 +12,13 @@ from conftest import (
     clean_ids,
     left_pad,
     load_release,
-    nemotron_h_from_context_tower,
     tiny_model,
 )
 from transformers import GenerationConfig, NemotronHForCausalLM
 
 from transformers_twotower import TwoTowerForDiffusionLM, TwoTowerGenerationConfig
 from transformers_twotower.defaults_twotower import GENERATION_MODES
+from transformers_twotower.layout_twotower import context_tower_as_nemotron_h
 
 
 PROMPT = torch.tensor([EXPECTED_PROMPTS["main"]])  # 12 tokens, BOS first
@@ -26,7 +26,7 @@ PROMPT = torch.tensor([EXPECTED_PROMPTS["main"]])  # 12 tokens, BOS first
 
 @pytest.fixture(scope="module")
 def stock(release_model) -> NemotronHForCausalLM:
-    return nemotron_h_from_context_tower(release_model)
+    return context_tower_as_nemotron_h(release_model)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------------------
@@ -359,7 +359,7 @@ def test_forward_refuses_tensor_keywords_by_name_and_accepts_nemotron_h_ones():
 
 def test_log_likelihood_is_the_stock_models():
     model = tiny_model(seed=0)
-    stock = nemotron_h_from_context_tower(model)
+    stock = context_tower_as_nemotron_h(model)
     ids = clean_ids(model, 2, 9)
     expected = -torch.nn.functional.cross_entropy(
         stock(ids).logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
@@ -381,7 +381,7 @@ def test_both_heads_have_a_tensor_parallel_plan():
 
 def test_attentions_and_router_logits_are_the_stock_models():
     model = tiny_model(seed=0)
-    stock = nemotron_h_from_context_tower(model)
+    stock = context_tower_as_nemotron_h(model)
     model.set_attn_implementation("eager")
     stock.set_attn_implementation("eager")
     ids = clean_ids(model, 2, 8)

@@ -140,6 +140,7 @@ class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
         (B, conv_dim, K - 1 + L), and the scan's fp32 inputs: x (B, L, heads, hd), dt (B, L, heads), B and C
         (B, L, groups, N)."""
         batch_size, length, _ = hidden_states.shape
+        # TwoTower: padding in `hidden_states` is the caller's to zero (Nemotron-H zeroes it here, before `in_proj`).
         gate, xBC, dt = self.in_proj(hidden_states).split(
             [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1
         )

@@ -27,6 +27,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator
 from transformers import AutoTokenizer
 
+from .defaults_twotower import MODEL_GENERATION_DEFAULTS
 from .loading_twotower import check_device
 from .modeling_twotower import TwoTowerForDiffusionLM
 
@@ -37,7 +38,7 @@ class TwoTowerLM(TemplateLM):
         self,
         pretrained: str | TwoTowerForDiffusionLM,
         tokenizer=None,
-        generation_mode: str = "mask_diffusion",
+        generation_mode: str = MODEL_GENERATION_DEFAULTS["generation_mode"],
         dtype: str = "float32",
         device: str = "cpu",
         batch_size: int | str = 1,
