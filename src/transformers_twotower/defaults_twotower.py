@@ -26,5 +26,11 @@ TWOTOWER_GENERATION_DEFAULTS = {
 # A model's generation defaults: TwoTower's, 128 new tokens, greedy.
 MODEL_GENERATION_DEFAULTS = {**TWOTOWER_GENERATION_DEFAULTS, "max_new_tokens": 128, "do_sample": False}
 
-# The release's `generate_mask_diffusion` function commits at a stricter threshold than the published operating point.
-RELEASE_FUNCTION_THRESHOLD = 0.9
+# The release's `generate_mask_diffusion` function's own defaults: it commits at a stricter threshold than the
+# published operating point.
+RELEASE_FUNCTION_DEFAULTS = {
+    "block_size": BLOCK_SIZE,
+    "steps_per_block": TWOTOWER_GENERATION_DEFAULTS["steps_per_block"],
+    "mask_token_id": MASK_TOKEN_ID,
+    "confidence_threshold": 0.9,
+}

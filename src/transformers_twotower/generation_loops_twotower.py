@@ -137,6 +137,7 @@ def run_mask_diffusion(
     vocab_size = model.config.vocab_size
     eos = torch.tensor(eos_ids(config), dtype=torch.long, device=device)
     positions = torch.arange(block_size, device=device)
+    eos_in_vocab = torch.isin(torch.arange(vocab_size, device=device), eos)  # (V,) for `min_new`'s ban
 
     tracker = RowTracker(input_ids, config.max_new_tokens, config.pad_token_id, eos, config.keep_eos_block, streamer)
     # Per generated position, the step's scores (custom stops receive them) and logits, and the commit order.
@@ -154,7 +155,7 @@ def run_mask_diffusion(
         if min_new > tracker.generated_length and eos.numel():  # EOS is banned before the `min_new`-th token
             early = (tracker.generated_length + positions) < min_new
             banned = torch.zeros(1, block_size, vocab_size, dtype=torch.bool, device=device)
-            banned[0, early[:, None] & torch.isin(torch.arange(vocab_size, device=device), eos)] = True
+            banned[0, early[:, None] & eos_in_vocab] = True
         if record is not None:
             record.new_block(batch_size, block_size, vocab_size)
 
@@ -167,14 +168,15 @@ def run_mask_diffusion(
             t = masked.float().mean(-1)  # each row's fraction still masked
             # The head runs on masked positions only; a step callback sees the logits at every position.
             logits = decoder.denoise(block, t, active, num_active, None if step_callback is not None else masked)
-            context = torch.cat([tracker.sequences, block], dim=-1) if processors or warpers else None
+            context = torch.cat([tracker.sequences, block], dim=-1) if processors else None  # warpers read no ids
             pred, confidence, scores = predict_tokens(logits, mask_id, warpers, generator, processors, context, banned)
             commit = commit_mask(confidence, masked, step, steps, config.confidence_threshold)
-            seen = dict(block=block_idx, step=step, tokens=block, t=t, committed=commit)
-            if step_callback is not None:
-                step_callback(DiffusionStep(**seen, logits=logits.clone()))
-            if history is not None:
-                history.append(DiffusionStep(**seen))
+            if step_callback is not None or history is not None:
+                seen = dict(block=block_idx, step=step, tokens=block, t=t, committed=commit)
+                if step_callback is not None:
+                    step_callback(DiffusionStep(**seen, logits=logits.clone()))
+                if history is not None:
+                    history.append(DiffusionStep(**seen))
             block = torch.where(commit, pred, block)
             if record is not None:
                 record.commit(commit, scores, logits)

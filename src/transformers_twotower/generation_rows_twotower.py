@@ -102,6 +102,8 @@ class BlockStop:
         self.checked = torch.zeros_like(self.length)  # prefix lengths already given to the criteria
 
     def check(self, block: torch.LongTensor, scores: torch.Tensor | None) -> torch.LongTensor:
+        if not self.stops and (self.eos is None or not self.eos.numel()):
+            return block  # nothing can stop a row inside this block
         prefix = (block != self.mask_id).long().cumprod(-1).sum(-1).clamp(max=self.room)
         live = ~self.tracker.finished
         if self.eos is not None and self.eos.numel():

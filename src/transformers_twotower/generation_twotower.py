@@ -14,12 +14,9 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .defaults_twotower import (
-    BLOCK_SIZE,
     GENERATION_MODES,
-    MASK_TOKEN_ID,
     MODEL_GENERATION_DEFAULTS,
-    RELEASE_FUNCTION_THRESHOLD,
-    TWOTOWER_GENERATION_DEFAULTS,
+    RELEASE_FUNCTION_DEFAULTS,
 )
 from .generation_arguments_twotower import GenerationArguments, replaced
 from .generation_config_twotower import DiffusionStep, TwoTowerGenerationConfig, TwoTowerGenerationOutput
@@ -146,13 +143,8 @@ class TwoTowerGenerationMixin(GenerationArguments):
             pad_token_id=self.generation_config.pad_token_id,
         )  # fmt: skip
         if generation_mode == "mask_diffusion":
-            release = dict(
-                block_size=BLOCK_SIZE, mask_token_id=MASK_TOKEN_ID, confidence_threshold=RELEASE_FUNCTION_THRESHOLD
-            )
-            release["steps_per_block"] = TWOTOWER_GENERATION_DEFAULTS["steps_per_block"]
-            fields.update(
-                keep_eos_block=True, **{k: release[k] if diffusion[k] is None else diffusion[k] for k in release}
-            )
+            given = {k: diffusion[k] for k in RELEASE_FUNCTION_DEFAULTS if diffusion[k] is not None}
+            fields.update(RELEASE_FUNCTION_DEFAULTS, keep_eos_block=True, **given)
         else:
             given = sorted(name for name, value in diffusion.items() if value is not None)
             if given:

@@ -31,9 +31,9 @@ def predict_tokens(
     batch, length, vocab = logits.shape
     logits = logits.float().clone()
     logits[..., mask_token_id] = float("-inf")
-    per_position = None
-    if processors or warpers:  # every position sees its row's tokens
-        per_position = input_ids.repeat_interleave(length, dim=0) if input_ids is not None else None
+    per_position = None  # every position sees its row's tokens (processors read them; transformers' warpers do not)
+    if processors and input_ids is not None:
+        per_position = input_ids.repeat_interleave(length, dim=0)
     if processors:
         logits = processors(per_position, logits.view(batch * length, vocab)).view(batch, length, vocab)
     if banned is not None:
