@@ -24,11 +24,11 @@ import torch
 from lm_eval import utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import Collator
+from lm_eval.models.utils import Collator, normalize_gen_kwargs, postprocess_generated_text
 from transformers import AutoTokenizer
 
 from .defaults_twotower import MODEL_GENERATION_DEFAULTS
-from .loading_twotower import check_device
+from .loading_twotower import load
 from .modeling_twotower import TwoTowerForDiffusionLM
 
 
@@ -39,7 +39,7 @@ class TwoTowerLM(TemplateLM):
         pretrained: str | TwoTowerForDiffusionLM,
         tokenizer=None,
         generation_mode: str = MODEL_GENERATION_DEFAULTS["generation_mode"],
-        dtype: str = "float32",
+        dtype: str = "auto",
         device: str = "cpu",
         batch_size: int | str = 1,
         max_length: int | None = None,
@@ -47,14 +47,11 @@ class TwoTowerLM(TemplateLM):
     ):
         super().__init__()
         if isinstance(pretrained, str):
-            check_device(device)
-            model = TwoTowerForDiffusionLM.from_pretrained(pretrained, dtype=getattr(torch, dtype))
-            self.model = model.to(device).eval()
+            loaded, self.model = load(pretrained, device, dtype)  # as the command lines load a folder
+            self.tokenizer = tokenizer or loaded
         else:
             self.model = pretrained.eval()
-        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(pretrained if isinstance(pretrained, str) else
-                                                                    pretrained.name_or_path)  # fmt: skip
-        self.tokenizer.padding_side = "left"
+            self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(pretrained.name_or_path)
         if str(batch_size).startswith("auto"):
             raise ValueError("batch_size=auto is not supported by the twotower model; give a number")
         self.batch_size = int(batch_size)
@@ -101,10 +98,10 @@ class TwoTowerLM(TemplateLM):
         """For each token row, the log-probability of its last `length` tokens given the rest, under the context
         tower, and whether each of them is the greedy choice. Rows are left-padded into one batch."""
         batch = self.tokenizer.pad({"input_ids": rows}, padding_side="left", return_tensors="pt").to(self.device)
-        logits = self.model(**batch).logits[:, :-1].float()  # position i predicts token i + 1
-        targets = batch["input_ids"][:, 1:]
+        width = max(lengths)  # only the last `width` positions are scored: the head runs on those alone
+        logits = self.model(**batch, logits_to_keep=width + 1).logits[:, :-1]  # fp32; position i predicts i + 1
+        targets = batch["input_ids"][:, -width:]
         picked = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
-        width = targets.shape[1]
         scored = torch.arange(width, device=self.device) >= width - torch.tensor(lengths, device=self.device)[:, None]
         greedy = (logits.argmax(-1) == targets) | ~scored
         return list(zip((picked * scored).sum(-1).tolist(), greedy.all(-1).tolist()))
@@ -114,34 +111,36 @@ class TwoTowerLM(TemplateLM):
             _, context, continuation = request
             return tuple((context + continuation)[-(self.max_length + 1) :]), len(continuation)
 
-        todo = list({key(request): request for request in requests if key(request) not in self.scored}.values())
-        collator = Collator(todo, sort_fn=lambda request: (-len(key(request)[0]), key(request)[0]))
-        for chunk in collator.get_batched(n=self.batch_size):
-            keys = [key(request) for request in chunk]
-            scores = self._score([list(tokens) for tokens, _ in keys], [length for _, length in keys])
-            self.scored.update(zip(keys, scores))
-        for request in requests:
-            self.cache_hook.add_partial("loglikelihood", request[0], self.scored[key(request)])
-        return [self.scored[key(request)] for request in requests]
+        keys = [key(request) for request in requests]
+        todo = sorted({k for k in keys if k not in self.scored}, key=lambda k: (-len(k[0]), k[0]))  # longest first
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
+            self.scored.update(zip(chunk, self._score([list(t) for t, _ in chunk], [n for _, n in chunk])))
+        for request, k in zip(requests, keys):
+            if request[0] is not None:  # rolling windows have no request of their own
+                self.cache_hook.add_partial("loglikelihood", request[0], self.scored[k])
+        return [self.scored[k] for k in keys]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """The whole text's log-likelihood: disjoint windows of at most `max_length` tokens, each after BOS and the
         tokens before it (lm-eval's rolling windows)."""
-        results = []
-        for (text,) in [request.args for request in requests]:
-            windows = utils.get_rolling_token_windows(
-                token_list=self.tok_encode(text, add_special_tokens=False),
-                prefix_token=self.prefix_token_id,
-                max_seq_len=self.max_length,
-                context_len=1,
-            )
-            windows = [utils.make_disjoint_window(window) for window in windows]
-            total = 0.0
-            for start in range(0, len(windows), self.batch_size):
-                batch = windows[start : start + self.batch_size]
-                scores = self._score([context + target for context, target in batch], [len(t) for _, t in batch])
-                total += sum(score for score, _ in scores)
-            results.append(total)
+        texts = [text for (text,) in [request.args for request in requests]]
+        windows = [
+            [
+                utils.make_disjoint_window(window)
+                for window in utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(text, add_special_tokens=False),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                )
+            ]
+            for text in texts
+        ]
+        # Every window of every text in one pass, batched and remembered as the other log-likelihoods are.
+        scores = iter(self._loglikelihood_tokens([(None, *window) for text in windows for window in text]))
+        results = [sum(next(scores)[0] for _ in text) for text in windows]
+        for text, total in zip(texts, results):
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
         return results
 
@@ -149,13 +148,11 @@ class TwoTowerLM(TemplateLM):
 
     def generation_kwargs(self, task_kwargs: dict) -> tuple[dict, list[str]]:
         """`model.generate` arguments for a task's `gen_kwargs`, and its `until` strings."""
-        task_kwargs = dict(task_kwargs)
-        until = task_kwargs.pop("until", None) or []
-        until = [until] if isinstance(until, str) else list(until)
-        max_new_tokens = task_kwargs.pop("max_gen_toks", 256)
-        if task_kwargs.get("temperature", None) == 0.0:  # lm-eval's way of saying greedy
-            task_kwargs.pop("temperature")
-            task_kwargs["do_sample"] = False
+        task_kwargs = dict(normalize_gen_kwargs(task_kwargs))  # lm-eval's reading: aliases, greedy as temperature 0
+        until = [stop for stop in task_kwargs.pop("until") if stop]
+        max_new_tokens = task_kwargs.pop("max_gen_toks")
+        if not task_kwargs["do_sample"]:
+            task_kwargs.pop("temperature", None)
         kwargs = {**self.generation, **task_kwargs, "max_new_tokens": max_new_tokens}
         if until:
             kwargs.update(stop_strings=until, tokenizer=self.tokenizer)
@@ -164,16 +161,18 @@ class TwoTowerLM(TemplateLM):
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         collator = Collator(
-            [request.args for request in requests],
-            sort_fn=lambda args: (-len(self.tok_encode(args[0])), args[0]),
+            [(context, task_kwargs, self.tok_encode(context)) for context, task_kwargs in [r.args for r in requests]],
+            sort_fn=lambda args: (-len(args[2]), args[0]),  # each context tokenized once
             group_by="gen_kwargs",
             group_fn=lambda args: args[1],
         )
         results = []
         for chunk in collator.get_batched(n=self.batch_size):
-            contexts, all_kwargs = zip(*chunk)
+            contexts, all_kwargs, rows = zip(*chunk)
             kwargs, until = self.generation_kwargs(all_kwargs[0])
-            inputs = self.tokenizer(list(contexts), return_tensors="pt", padding=True).to(self.device)
+            keep = max(self.max_length - kwargs["max_new_tokens"], 1)  # the prompt's end, as lm-eval's HF model
+            rows = [row[-keep:] for row in rows]
+            inputs = self.tokenizer.pad({"input_ids": rows}, padding_side="left", return_tensors="pt").to(self.device)
             began = time.perf_counter()
             out = self.model.generate(**inputs, **kwargs, return_dict_in_generate=True)
             if self.device.type == "cuda":
@@ -181,9 +180,7 @@ class TwoTowerLM(TemplateLM):
             self.generation_seconds += time.perf_counter() - began
             generated = out.sequences[:, inputs["input_ids"].shape[1] :]
             for context, tokens in zip(contexts, generated):
-                text = self.tok_decode(tokens.tolist())
-                for stop in until:
-                    text = text.split(stop)[0]
+                text = postprocess_generated_text(self.tok_decode(tokens.tolist()), until, None)
                 results.append(text)
                 self.cache_hook.add_partial("generate_until", (context, all_kwargs[0]), text)
             self.nfe += int(out.nfe.sum())
