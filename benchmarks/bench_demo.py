@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from transformers_twotower.defaults_twotower import MODEL_GENERATION_DEFAULTS as PUBLISHED  # the operating point
+from transformers_twotower.loading_twotower import load
 from transformers_twotower.metrics_twotower import generation_metrics, real_tokens
 
 
@@ -380,21 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available")
-
-    from transformers import AutoTokenizer
-
-    from transformers_twotower import TwoTowerForDiffusionLM
-
     folder = Path(args.model)
     log_path = folder / "train_log.json"
     if not log_path.is_file():
         raise SystemExit(f"error: {folder} has no train_log.json naming its held-out modules")
     held_out = json.loads(log_path.read_text())["held_out"]
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # this package is the code
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model = TwoTowerForDiffusionLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
+    tokenizer, model = load(folder, args.device, "auto")  # bf16 on CUDA, fp32 elsewhere
     torch.set_grad_enabled(False)
     if args.step_costs:
         return demo_step_costs(model, args)
