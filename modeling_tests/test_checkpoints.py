@@ -12,14 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    RELEASE_FIXTURE,
-    align_dt_clamp,
-    clean_ids,
-    nemotron_h_config,
-    tiny_config,
-    word_tokenizer,
-)
+from conftest import RELEASE_FIXTURE, clean_ids, tiny_model, word_tokenizer
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -32,6 +25,7 @@ from convert_nvidia_twotower import convert_package_to_release, convert_release_
 
 from transformers_twotower import TwoTowerForDiffusionLM  # noqa: E402
 from transformers_twotower.defaults_twotower import GENERATION_MODES  # noqa: E402
+from transformers_twotower.layout_twotower import context_tower_as_nemotron_h  # noqa: E402
 
 
 def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -267,10 +261,8 @@ def test_a_saved_folder_loads_anywhere_with_trust_remote_code(saved, tmp_path):
 
 @pytest.fixture(scope="module")
 def nemotron_h(tmp_path_factory):
-    from transformers import NemotronHForCausalLM
-
     torch.manual_seed(0)
-    model = NemotronHForCausalLM(nemotron_h_config(tiny_config())).eval()
+    model = context_tower_as_nemotron_h(tiny_model()).eval()  # a plain Nemotron-H with the release's dt clamp
     folder = tmp_path_factory.mktemp("nemotron_h") / "backbone"
     model.save_pretrained(folder)
     return model, folder
@@ -284,7 +276,6 @@ def test_nemotron_h_to_twotower(nemotron_h, tmp_path):
     model.save_pretrained(tmp_path / "saved")
     assert tensor_shapes(out) == tensor_shapes(tmp_path / "saved"), "the folder save_pretrained would write"
     assert {p.name for p in out.glob("*.py")} == PACKAGE_CODE
-    align_dt_clamp(backbone, model.config.time_step_limit)
     ids = clean_ids(model, 2, 9)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, backbone(ids).logits.float()), "the context tower is the backbone"
@@ -482,7 +473,9 @@ def test_the_release_names_live_in_the_layout_module_only():
     names = [layout.RELEASE_ARCHITECTURE, layout.RELEASE_AUTO_MAP_MARKER, layout.CONTEXT_HEAD]
     names += [f"{prefix}." for prefix in layout.TIME_CONDITIONING]
     root = Path(__file__).parent.parent
-    for path in [*(root / "src" / "transformers_twotower").glob("*.py"), *(root / "conversion").glob("*.py")]:
+    paths = [*(root / "src" / "transformers_twotower").glob("*.py"), *(root / "conversion").glob("*.py")]
+    assert {"modeling_twotower.py", "convert_nvidia_twotower.py"} <= {path.name for path in paths}
+    for path in paths:
         if path.name != "layout_twotower.py":
             strings = code_strings(path)
             found = [name for name in names if any(name in string for string in strings)]

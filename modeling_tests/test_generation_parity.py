@@ -2,20 +2,10 @@
 
 import pytest
 import torch
-from conftest import EXPECTED, RELEASE_ATOL, RELEASE_FIXTURE
-from safetensors import safe_open
+from conftest import EXPECTED, RELEASE_ATOL, STEP_LOGITS_RECORDED
 
 
 DIFFUSION_CASES = sorted(EXPECTED["diffusion"])
-# The fixture records every step's logits for three of the twelve diffusion runs (the `main` prompt below threshold
-# 1); the other nine are checked by their tokens, NFE and the block before every step, and have no logits to check.
-with safe_open(RELEASE_FIXTURE / "expected.safetensors", "pt") as recorded:
-    STEP_LOGITS_RECORDED = sorted(
-        name.removeprefix("diffusion/").removesuffix("/step_logits")
-        for name in recorded.keys()
-        if name.startswith("diffusion/") and name.endswith("/step_logits")
-    )
-assert len(STEP_LOGITS_RECORDED) == 3, STEP_LOGITS_RECORDED  # the step tests below must not parametrize over nothing
 PROMPTS = sorted(EXPECTED["prompts"])
 
 

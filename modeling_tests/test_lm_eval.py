@@ -122,9 +122,22 @@ def test_unknown_model_args_are_refused_by_name(demo):
         TwoTowerLM(model, tokenizer=tokenizer, confidense_threshold=0.8)
 
 
+def stock_choice_accuracy(stock, tokenizer, rows) -> float:
+    """The multiple-choice accuracy the stock model's log-likelihoods give on these rows."""
+    correct = 0
+    for row in rows:
+        scores = []
+        for choice in row["choices"]:
+            whole, head = encode_pair(tokenizer, row["prompt"], choice)
+            scores.append(stock_log_probs(stock, whole)[len(head) - 1 :].sum().item())
+        correct += max(range(len(scores)), key=scores.__getitem__) == row["gold"]
+    return correct / len(rows)
+
+
 def test_the_local_task_runs_through_simple_evaluate(demo, stock, monkeypatch):
     """The harness's scores equal the ones computed here: accuracy from the stock model's log-likelihoods of the four
-    choices, exact match from `model.generate` cut at the newline."""
+    choices (one of these six rows is right), and each generated answer is `model.generate`'s text cut at the
+    newline (compared text by text: the demo's exact match is 0, which alone could not fail)."""
     model, tokenizer = demo
     monkeypatch.chdir(TASK_DIR)  # the task's data_files are relative
     from lm_eval.tasks import TaskManager
@@ -135,21 +148,19 @@ def test_the_local_task_runs_through_simple_evaluate(demo, stock, monkeypatch):
         tasks=["code_next_line", "code_choice"],
         task_manager=TaskManager(include_path=str(TASK_DIR), include_defaults=False),
         limit=6,
+        log_samples=True,
     )
     rows = ROWS[:6]
-    correct = 0
-    for row in rows:
-        scores = []
-        for choice in row["choices"]:
-            whole, head = encode_pair(tokenizer, row["prompt"], choice)
-            scores.append(stock_log_probs(stock, whole)[len(head) - 1 :].sum().item())
-        correct += max(range(4), key=scores.__getitem__) == row["gold"]
-    assert results["results"]["code_choice"]["acc,none"] == pytest.approx(correct / len(rows))
+    accuracy = stock_choice_accuracy(stock, tokenizer, rows)
+    assert results["results"]["code_choice"]["acc,none"] == pytest.approx(accuracy) and accuracy > 0
     batch = tokenizer([row["prompt"] for row in rows], return_tensors="pt", padding=True)
     out = model.generate(**batch, confidence_threshold=0.8, max_new_tokens=24, stop_strings=["\n"],
                          tokenizer=tokenizer, do_sample=False)  # fmt: skip
     texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    exact = sum(text.split("\n")[0] == row["target"] for text, row in zip(texts, rows)) / len(rows)
+    answers = [text.split("\n")[0] for text in texts]
+    harness = {sample["doc_id"]: sample["resps"][0][0] for sample in results["samples"]["code_next_line"]}
+    assert [harness[i] for i in range(len(rows))] == answers and any(answers)
+    exact = sum(answer == row["target"] for answer, row in zip(answers, rows)) / len(rows)
     assert results["results"]["code_next_line"]["exact_match,none"] == pytest.approx(exact)
     assert results["config"]["twotower_generation"]["nfe"] > 0
 
@@ -166,22 +177,24 @@ def test_lm_eval_command_line_knows_twotower(tmp_path):
     assert written and "code_choice" in json.loads(written[0].read_text())["results"]
 
 
-def test_the_comparison_command_writes_its_table(tmp_path, monkeypatch):
-    """`twotower eval`: each mode on the same tasks; AR is 100% of itself (unless it scores 0); the multiple-choice score, an exact AR
-    log-likelihood, is the same in every mode; the table and the JSON are written."""
+def test_the_comparison_command_writes_its_table(demo, stock, tmp_path, monkeypatch):
+    """`twotower eval`: each mode on the same tasks; AR is 100% of itself; the multiple-choice score, an exact AR
+    log-likelihood, is the stock model's in every mode (one of the five rows is right); the table and the JSON are
+    written."""
     from transformers_twotower.__main__ import main
 
     monkeypatch.chdir(TASK_DIR)
     output = tmp_path / "compare.json"
     argv = ["eval", "--tasks", "code_next_line", "code_choice", "--modes", "ar", "mask_diffusion", "--thresholds",
-            "0.5", "0.9", "--include-path", str(TASK_DIR), "--limit", "4", "--batch-size", "4", "--output", str(output)]  # fmt: skip
+            "0.5", "0.9", "--include-path", str(TASK_DIR), "--limit", "5", "--batch-size", "4", "--output", str(output)]  # fmt: skip
     assert main(argv) == 0
     result = json.loads(output.read_text())
     runs = {(run["mode"], run["threshold"]): run for run in result["runs"]}
     assert set(runs) == {("ar", None), ("mask_diffusion", 0.5), ("mask_diffusion", 0.9)}
     ar = runs["ar", None]
-    assert ar["score_vs_ar_percent"] == (100.0 if ar["mean_score"] else None)  # no percentage of a zero score
+    assert ar["score_vs_ar_percent"] == 100.0
     assert ar["throughput_vs_ar"] == 1.0 and ar["tokens_per_forward"] == 1.0
-    assert len({run["scores"]["code_choice"] for run in result["runs"]}) == 1
+    accuracy = stock_choice_accuracy(stock, demo[1], ROWS[:5])
+    assert accuracy > 0 and [run["scores"]["code_choice"] for run in result["runs"]] == [pytest.approx(accuracy)] * 3
     assert all(run["nfe"] > 0 and run["tokens_per_second"] > 0 for run in result["runs"])
     assert result["model"] == "demo" and "/" not in result["model"]

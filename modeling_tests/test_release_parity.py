@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import RELEASE_ATOL, RELEASE_FIXTURE
+from conftest import RELEASE_ATOL, RELEASE_FIXTURE, STEP_LOGITS_RECORDED
 from safetensors import safe_open
 
 from transformers_twotower import TwoTowerConfig, TwoTowerForDiffusionLM
@@ -72,7 +72,7 @@ def test_denoiser_step(release_model, expected, expected_tensors, case):
         assert logits.argmax(-1)[0].tolist() == spec["argmax"]
 
 
-@pytest.mark.parametrize("case", ["main/b4_s4_thr0.9_n12", "main/b8_s8_thr0.8_n16", "main/b8_s4_thr0.9_n16"])
+@pytest.mark.parametrize("case", STEP_LOGITS_RECORDED)
 def test_every_recorded_diffusion_step(release_model, expected, expected_tensors, case):
     """Decodes step by step with the towers' own calls (one prefill, one `extend_context` per block the model
     committed, one `denoise_step` per step) and the commit rule: every step's logits, every noisy block the model
