@@ -142,3 +142,17 @@ def test_the_demo_tokenizer_loads_without_remote_code_questions(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[1, 489, 291, 874]"
+
+
+def test_unset_options_are_the_models_generation_config(model_dir, tmp_path, capsys):
+    """Options not given on the command line come from the folder's `generation_config.json` (here Mock-AR, 5 new
+    tokens), not from TwoTower's defaults; options given win over it."""
+    from transformers_twotower import TwoTowerGenerationConfig
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    TwoTowerGenerationConfig(generation_mode="mock_ar", max_new_tokens=5, eos_token_id=None).save_pretrained(folder)
+    assert main(["generate", "w37 w412", "--model", str(folder)]) == 0
+    assert "--- mock_ar: 5 tokens, NFE 5" in capsys.readouterr().out
+    assert main(["generate", "w37 w412", "--model", str(folder), "--mode", "ar", "--max-new-tokens", "3"]) == 0
+    assert "--- ar: 3 tokens, NFE 3" in capsys.readouterr().out

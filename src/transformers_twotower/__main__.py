@@ -34,27 +34,26 @@ def generate(args) -> int:
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(
         args.device
     )  # the tokenizer adds BOS, as in training
-    lengths = {"max_new_tokens": args.max_new_tokens} if args.max_length is None else {"max_length": args.max_length}
-    options = dict(
-        generation_mode=args.mode,
-        block_size=args.block_size,
-        steps_per_block=args.steps,
-        confidence_threshold=args.threshold,
-        **lengths,
-    )
+    # Options given on the command line; the others are the model's generation config (then TwoTower's defaults).
+    given = dict(
+        generation_mode=args.mode, block_size=args.block_size, steps_per_block=args.steps,
+        confidence_threshold=args.threshold, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+    )  # fmt: skip
+    options = {name: value for name, value in given.items() if value is not None}
+    saved = {name: value for name, value in model.generation_config.to_dict().items() if value is not None}
+    settings = {**MODEL_GENERATION_DEFAULTS, **saved, **options}
     # A short run first: transformers' one-time notices (which kernels fall back to PyTorch) go to stderr now, not
     # into the streamed text. It also checks the options before anything is printed.
     # Two blocks of one step each reach every kernel (prefill, denoiser step, block extension; AR: one-token decode).
-    model.generate(
-        ids[:, :1], **{**options, "max_new_tokens": 2 * args.block_size, "max_length": None, "steps_per_block": 1}
-    )
+    warm_up = {**options, "max_new_tokens": 2 * settings["block_size"], "max_length": None, "steps_per_block": 1}
+    model.generate(ids[:, :1], **warm_up)
     streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
     start = time.perf_counter()
     out = model.generate(ids, streamer=streamer, return_dict_in_generate=True, **options)
     seconds = time.perf_counter() - start
     new_tokens = out.sequences.shape[1] - ids.shape[1]
     print(
-        f"\n--- {args.mode}: {new_tokens} tokens, NFE {out.nfe.item()}, "
+        f"\n--- {settings['generation_mode']}: {new_tokens} tokens, NFE {out.nfe.item()}, "
         f"{out.tokens_per_forward.item():.2f} tokens/forward, {new_tokens / seconds:.1f} tokens/s"
     )
     return 0
@@ -101,18 +100,26 @@ def main(argv: list[str] | None = None) -> int:
     gen = commands.add_parser("generate", help="generate after a prompt, streaming the text")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=str(DEMO_MODEL), help="a TwoTower folder (default: the bundled demo)")
-    gen.add_argument("--mode", choices=GENERATION_MODES, default=MODEL_GENERATION_DEFAULTS["generation_mode"])
+    # Unset options are the model's generation config (`generation_config.json`), else TwoTower's defaults.
+    model_default = " (default: the model's generation config, else {})"
     gen.add_argument(
-        "--threshold", type=float, default=MODEL_GENERATION_DEFAULTS["confidence_threshold"],
-        help="confidence threshold (mask diffusion)",
+        "--mode", choices=GENERATION_MODES, help=model_default.format(MODEL_GENERATION_DEFAULTS["generation_mode"])
+    )
+    gen.add_argument(
+        "--threshold", type=float,
+        help="confidence threshold (mask diffusion)" + model_default.format(MODEL_GENERATION_DEFAULTS["confidence_threshold"]),
     )  # fmt: skip
-    gen.add_argument("--block-size", type=positive_int, default=MODEL_GENERATION_DEFAULTS["block_size"])
     gen.add_argument(
-        "--steps", type=positive_int, default=MODEL_GENERATION_DEFAULTS["steps_per_block"],
-        help="denoiser steps per block at most",
+        "--block-size", type=positive_int, help=model_default.format(MODEL_GENERATION_DEFAULTS["block_size"])
+    )
+    gen.add_argument(
+        "--steps", type=positive_int,
+        help="denoiser steps per block at most" + model_default.format(MODEL_GENERATION_DEFAULTS["steps_per_block"]),
     )  # fmt: skip
     lengths = gen.add_mutually_exclusive_group()
-    lengths.add_argument("--max-new-tokens", type=positive_int, default=MODEL_GENERATION_DEFAULTS["max_new_tokens"])
+    lengths.add_argument(
+        "--max-new-tokens", type=positive_int, help=model_default.format(MODEL_GENERATION_DEFAULTS["max_new_tokens"])
+    )
     lengths.add_argument(
         "--max-length", type=positive_int, help="prompt + generated tokens (instead of --max-new-tokens)"
     )
