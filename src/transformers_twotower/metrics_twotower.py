@@ -37,8 +37,9 @@ def generation_metrics(
     drops trailing columns that are padding in every row); nfe: `(B,)`, `generate`'s `nfe`; num_generated: `(B,)`,
     `generate`'s count of each row's real tokens, which then decides instead of `eos_token_id` (for `generated`).
     """
-    real = real_tokens(generated, eos_token_id)
-    if num_generated is not None:
+    if num_generated is None:
+        real = real_tokens(generated, eos_token_id)
+    else:
         real = torch.arange(generated.shape[1], device=generated.device) < num_generated[:, None].to(generated.device)
     metrics = {
         "generated_tokens": int(real.sum()),
