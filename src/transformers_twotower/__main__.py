@@ -101,25 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("prompt")
     gen.add_argument("--model", default=str(DEMO_MODEL), help="a TwoTower folder (default: the bundled demo)")
     # Unset options are the model's generation config (`generation_config.json`), else TwoTower's defaults.
-    model_default = " (default: the model's generation config, else {})"
-    gen.add_argument(
-        "--mode", choices=GENERATION_MODES, help=model_default.format(MODEL_GENERATION_DEFAULTS["generation_mode"])
-    )
-    gen.add_argument(
-        "--threshold", type=float,
-        help="confidence threshold (mask diffusion)" + model_default.format(MODEL_GENERATION_DEFAULTS["confidence_threshold"]),
-    )  # fmt: skip
-    gen.add_argument(
-        "--block-size", type=positive_int, help=model_default.format(MODEL_GENERATION_DEFAULTS["block_size"])
-    )
-    gen.add_argument(
-        "--steps", type=positive_int,
-        help="denoiser steps per block at most" + model_default.format(MODEL_GENERATION_DEFAULTS["steps_per_block"]),
-    )  # fmt: skip
     lengths = gen.add_mutually_exclusive_group()
-    lengths.add_argument(
-        "--max-new-tokens", type=positive_int, help=model_default.format(MODEL_GENERATION_DEFAULTS["max_new_tokens"])
-    )
+    for parser_of, flag, field, kind, what in (
+        (gen, "--mode", "generation_mode", None, ""),
+        (gen, "--threshold", "confidence_threshold", float, "confidence threshold (mask diffusion)"),
+        (gen, "--block-size", "block_size", positive_int, ""),
+        (gen, "--steps", "steps_per_block", positive_int, "denoiser steps per block at most"),
+        (lengths, "--max-new-tokens", "max_new_tokens", positive_int, ""),
+    ):
+        default = f"default: the model's generation config, else {MODEL_GENERATION_DEFAULTS[field]}"
+        choices = {"choices": GENERATION_MODES} if flag == "--mode" else {"type": kind}
+        parser_of.add_argument(flag, **choices, help=f"{what} ({default})".strip())
     lengths.add_argument(
         "--max-length", type=positive_int, help="prompt + generated tokens (instead of --max-new-tokens)"
     )
