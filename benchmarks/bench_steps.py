@@ -188,11 +188,9 @@ def step_functions(model, state, batch: int, compiled: bool):
     the next call overwrites the same positions)."""
     from transformers import CompileConfig
 
-    from transformers_twotower.decoding_twotower import StaticSteps
-
     device = state.length.device
     mode = "reduce-overhead" if device.type == "cuda" else "default"
-    steps = StaticSteps(model, state, CompileConfig(mode=mode) if compiled else None)
+    steps = model.decode_steps(CompileConfig(mode=mode) if compiled else None)
     mask_id = model.config.mask_token_id
     generator = torch.Generator().manual_seed(0)
     block = torch.randint(4, model.config.vocab_size, (batch, BLOCK), generator=generator).to(device)
@@ -204,28 +202,26 @@ def step_functions(model, state, batch: int, compiled: bool):
 
     def context(tokens):
         def run():
-            steps.extend(tokens)
+            steps.extend(state, tokens)
             state.length.sub_(tokens.shape[1])
+            state.num_written -= tokens.shape[1]
 
         return run
 
     return {
         "ar_step": (context(token), 1),
-        "denoise_masked": (lambda: steps.denoise(masked, one), BLOCK),
-        "denoise_half": (lambda: steps.denoise(half, halfway), BLOCK),
+        "denoise_masked": (lambda: steps.denoise(state, masked, one), BLOCK),
+        "denoise_half": (lambda: steps.denoise(state, half, halfway), BLOCK),
         "extend_block": (context(block), BLOCK),
     }
 
 
 def measure(model, batch_sizes, variants, prompt_length: int, repeats: int, bandwidth: float) -> dict:
-    from transformers_twotower.decoding_twotower import decode_state
-
     device = str(model.device)
     results = {}
     for batch in batch_sizes:
         prompt = torch.randint(4, model.config.vocab_size, (batch, prompt_length), device=model.device)
-        cache = model.prefill(prompt, keep_behind=False)
-        state = decode_state(model, cache, prompt_length + 2 * BLOCK, BLOCK, keep_behind=False)
+        state = model.prefill(prompt, keep_behind=False, max_length=prompt_length + 2 * BLOCK)
         eager = step_functions(model, state, batch, compiled=False)
         entry = {}
         for name, (fn, tokens) in eager.items():

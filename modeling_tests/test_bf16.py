@@ -49,10 +49,19 @@ def models(request):
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PROMPTS))
 def test_context_logits_in_bf16_stay_within_the_rounding_bound(models, name):
+    """Compared at the positions before the first routing decision that flips (the tower is causal, so a flip
+    reaches no earlier position); on the CPU `len17` flips one near-tie at position 6 of the last MoE layer."""
     fp32, bf16 = models
     ids = torch.tensor([EXPECTED_PROMPTS[name]], device=fp32.device)
-    reference, low = fp32(ids).logits, bf16(ids).logits
+    reference, low = [], []
+    reference_choices = expert_choices(fp32, lambda: reference.append(fp32(ids).logits))
+    low_choices = expert_choices(bf16, lambda: low.append(bf16(ids).logits))
+    (reference,), (low,) = reference, low
+    flipped = [(a != b).any(-1).nonzero().flatten() for a, b in zip(reference_choices, low_choices)]
+    agree = min([ids.shape[1], *(int(positions.min()) for positions in flipped if positions.numel())])
+    assert agree >= ids.shape[1] // 3, "routing flips too early to compare"
     assert low.dtype == torch.float32  # logits always come back in fp32
+    reference, low = reference[:, :agree], low[:, :agree]
     assert (low - reference).abs().max().item() <= tolerance(fp32, reference)
     assert (low.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
 

@@ -1,37 +1,50 @@
-"""The context tower and its cache: prefill, extension, the view one token behind, agreement with Nemotron-H."""
+"""The context tower and its decode state: prefill, extension, the states one token behind, agreement with
+Nemotron-H."""
 
 import pytest
 import torch
 from conftest import clean_ids, denoiser_as_context_copy, left_pad, tiny_model
 
-from transformers_twotower import TwoTowerCache
+from transformers_twotower import TwoTowerDecodeState
 from transformers_twotower.layout_twotower import context_tower_as_nemotron_h
 
 
-def assert_same_context(a: TwoTowerCache, b: TwoTowerCache, atol=1e-5):
-    for i in a.attention_layers:
-        torch.testing.assert_close(a.layers[i].keys, b.layers[i].keys, rtol=1e-4, atol=atol)
-        torch.testing.assert_close(a.layers[i].values, b.layers[i].values, rtol=1e-4, atol=atol)
-    for (conv_a, ssm_a), (conv_b, ssm_b) in zip(a.mamba_states().values(), b.mamba_states().values()):
-        torch.testing.assert_close(conv_a, conv_b, rtol=1e-4, atol=atol)
-        torch.testing.assert_close(ssm_a, ssm_b, rtol=1e-4, atol=atol)
+def assert_same_context(a: TwoTowerDecodeState, b: TwoTowerDecodeState, atol=1e-5):
+    """The same context in two states: K/V at the real positions written so far, Mamba states, next-token logits."""
+    assert a.num_written == b.num_written and int(a.length) == int(b.length) == a.num_written
+    written = slice(0, a.num_written)
+    assert torch.equal(a.key_real[:, written], b.key_real[:, written])
+    real = a.key_real[:, None, written, None]
+    for i in a.keys:
+        for mine, theirs in ((a.keys[i], b.keys[i]), (a.values[i], b.values[i])):
+            torch.testing.assert_close(mine[:, :, written] * real, theirs[:, :, written] * real, rtol=1e-4, atol=atol)
+    for i in a.conv:
+        torch.testing.assert_close(a.conv[i], b.conv[i], rtol=1e-4, atol=atol)
+        torch.testing.assert_close(a.ssm[i], b.ssm[i], rtol=1e-4, atol=atol)
     torch.testing.assert_close(a.next_token_logits, b.next_token_logits, rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize("block", [1, 3, 6])
 def test_extend_context_equals_prefill_of_longer_sequence(model, block):
     ids = clean_ids(model, 2, 7 + block)
-    extended = model.extend_context(model.prefill(ids[:, :7]), ids[:, 7:])
-    assert_same_context(extended, model.prefill(ids))
-    assert extended.num_context_tokens == ids.shape[1]
+    extended = model.extend_context(model.prefill(ids[:, :7], max_length=16), ids[:, 7:])
+    assert_same_context(extended, model.prefill(ids, max_length=16))
 
 
 def test_one_pass_prefill_equals_the_two_pass_one(model):
-    """`keep_behind=False` (diffusion and AR modes) reads the prompt in one pass: same cache, no states behind."""
+    """`keep_behind=False` (diffusion and AR modes) reads the prompt in one pass: the same context, and no states
+    one token behind to read."""
     ids, mask = left_pad([clean_ids(model, 1, n, seed=n)[0].tolist() for n in (4, 9)])
     one_pass = model.prefill(ids, mask, keep_behind=False)
-    assert one_pass.mamba_states_behind is None and one_pass.num_context_tokens == 9
-    assert_same_context(one_pass, model.prefill(ids, mask))
+    assert not one_pass.conv_behind and not one_pass.behind_ready
+    two_pass = model.prefill(ids, mask)
+    assert_same_context(one_pass, two_pass)
+    assert two_pass.behind_ready
+    # The two-pass prefill's states behind are the one-pass states of the prompt without its last token.
+    behind = model.prefill(ids[:, :-1], mask[:, :-1], keep_behind=False)
+    for i in behind.conv:
+        torch.testing.assert_close(two_pass.conv_behind[i], behind.conv[i], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(two_pass.ssm_behind[i], behind.ssm[i], rtol=1e-4, atol=1e-5)
 
 
 def test_forward_last_logits_equal_prefill(model):
@@ -78,3 +91,5 @@ def test_bad_prompts_are_rejected(model):
     model.extend_context(cache, ids)
     with pytest.raises(ValueError, match="one token behind"):
         model.denoise_step(ids[:, :1], cache, None, behind=True)
+    with pytest.raises(ValueError, match="does not fit the decode state"):
+        model.extend_context(cache, clean_ids(model, 2, cache.max_length))

@@ -4,18 +4,15 @@ import pytest
 import torch
 from conftest import DIFFUSION, clean_rows, left_pad, tiny_model, word_tokenizer
 from transformers import (
+    CompileConfig,
     LogitsProcessor,
     LogitsProcessorList,
     StoppingCriteria,
     StoppingCriteriaList,
 )
 
-from transformers_twotower import (
-    TwoTowerCache,
-    TwoTowerContextTower,
-    TwoTowerGenerationConfig,
-    generation_loops_twotower,
-)
+from transformers_twotower import TwoTowerGenerationConfig
+from transformers_twotower.decoding_twotower import DecodeSteps, Decoder
 from transformers_twotower.defaults_twotower import GENERATION_MODES
 from transformers_twotower.layout_twotower import context_tower_as_nemotron_h
 
@@ -72,102 +69,72 @@ def test_finished_rows_stop_costing_forwards(model):
     assert out.nfe[0] < out.nfe[1] == alone.nfe[0]
 
 
-# --- caches -------------------------------------------------------------------------------------------------------
+# --- the decode state --------------------------------------------------------------------------------------------
 
 
-class EveryRowDecoder(generation_loops_twotower.CacheDecoder):
-    """The reference for idle rows: every row runs every step, and no row leaves the cache."""
-
-    def denoise(self, block, t, active, num_active, positions):
-        return self.model.denoise_step(block, self.cache, t, positions=positions)
-
-    def leave(self, finished):
-        pass
-
-
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
-def test_idle_rows_are_not_computed_and_change_nothing(model, monkeypatch, sampled):
-    """Rows whose block is complete are left out of the denoiser's forward, and finished rows leave the cache (both
-    towers stop computing for them): the tokens, NFE and sampling stream are those of the path that runs every row."""
+def test_finished_rows_leave_the_state_and_change_nothing(model, monkeypatch, sampled, compiled):
+    """Finished rows leave the decode state at block boundaries (both towers stop computing for them; compiled, the
+    state shrinks to a power of two of the live rows): the tokens, NFE and sampling stream are those of the path that
+    keeps every row."""
     rows = clean_rows(model, [3, 9, 5, 7, 4, 8, 6, 2], seed=4)
     ids, mask = left_pad(rows)
     kwargs = dict(generation_mode="mask_diffusion", max_new_tokens=24, pad_token_id=0, **DIFFUSION)
     if sampled:
         kwargs.update(do_sample=True, temperature=0.9, top_k=20)
+    if compiled:
+        kwargs.update(compile=True, compile_config=CompileConfig(backend="eager", mode=None, fullgraph=True))
     free = model.generate(ids, attention_mask=mask, eos_token_id=None, **kwargs)[:, ids.shape[1] :]
     # EOS: a token of row 0's second block that the fewest other rows produce, so some rows finish and some don't.
     eos = min(free[0, 4:8].tolist(), key=lambda token: int((free == token).any(-1).sum()))
     kwargs["eos_token_id"] = eos
 
-    computed = {"denoiser": 0, "context": 0}
-    denoise_step, extend_context = type(model).denoise_step, type(model).extend_context
-
-    def counted_denoise(self, block_ids, *args, **kw):
-        computed["denoiser"] += block_ids.shape[0]
-        return denoise_step(self, block_ids, *args, **kw)
-
-    def counted_extend(self, cache, token_ids, *args, **kw):
-        computed["context"] += token_ids.shape[0]
-        return extend_context(self, cache, token_ids, *args, **kw)
-
-    monkeypatch.setattr(type(model), "denoise_step", counted_denoise)
-    monkeypatch.setattr(type(model), "extend_context", counted_extend)
+    computed = {"denoiser": [], "context": []}
+    extend, denoise = DecodeSteps.extend, DecodeSteps.denoise
+    monkeypatch.setattr(DecodeSteps, "extend", lambda self, state, ids, *a: computed["context"].append(ids.shape[0])
+                        or extend(self, state, ids, *a))  # fmt: skip
+    monkeypatch.setattr(DecodeSteps, "denoise", lambda self, state, ids, *a: computed["denoiser"].append(ids.shape[0])
+                        or denoise(self, state, ids, *a))  # fmt: skip
     runs = {}
-    for skip in (False, True):
+    for leave in (False, True):
         with monkeypatch.context() as patch:
-            if not skip:
-                patch.setattr(generation_loops_twotower, "CacheDecoder", EveryRowDecoder)
-            computed.update(denoiser=0, context=0)
+            if not leave:
+                patch.setattr(Decoder, "keep_rows", lambda self, finished: None)
+            computed.update(denoiser=[], context=[])
             out = model.generate(
                 ids, attention_mask=mask, return_dict_in_generate=True, generator=torch.Generator().manual_seed(1),
                 **kwargs,
             )  # fmt: skip
-        runs[skip] = (out, dict(computed))
-    (plain, plain_rows), (skipping, skipped_rows) = runs[False], runs[True]
-    assert torch.equal(skipping.sequences, plain.sequences) and torch.equal(skipping.nfe, plain.nfe)
-    finished_early = (skipping.sequences[:, ids.shape[1] :] == eos).any(-1)
+        runs[leave] = (out, {k: list(v) for k, v in computed.items()})
+    (kept, kept_rows), (left, left_rows) = runs[False], runs[True]
+    assert torch.equal(left.sequences, kept.sequences) and torch.equal(left.nfe, kept.nfe)
+    finished_early = (left.sequences[:, ids.shape[1] :] == eos).any(-1)
     assert finished_early[0] and not finished_early.all()
-    # The plain path runs every row at every step; rows with nothing masked are the difference.
-    assert skipped_rows["denoiser"] == int(skipping.nfe.sum()) < plain_rows["denoiser"]
-    assert skipped_rows["context"] < plain_rows["context"]
-
-
-def test_head_on_masked_positions_only_changes_nothing(model):
-    """Without a step callback the head runs on masked positions only; with one, on every position (the callback
-    sees every logit). The tokens are the same."""
-    ids, mask = left_pad(clean_rows(model, [3, 9, 5], seed=2))
-    kwargs = dict(max_new_tokens=12, eos_token_id=None, **DIFFUSION)
-    records = []
-    observed = model.generate(ids, attention_mask=mask, step_callback=records.append, **kwargs)
-    assert torch.equal(model.generate(ids, attention_mask=mask, **kwargs), observed)
-    unmasked = records[-1].tokens != model.config.mask_token_id
-    assert unmasked.any() and (records[-1].logits[unmasked] != 0).any(-1).all()
+    assert set(kept_rows["denoiser"]) == {8} and sum(left_rows["denoiser"]) < sum(kept_rows["denoiser"])
+    assert sum(left_rows["context"]) < sum(kept_rows["context"])
+    if compiled:
+        assert set(left_rows["denoiser"]) <= {1, 2, 4, 8}, "compiled batch sizes are powers of two"
 
 
 @pytest.mark.parametrize("mode", GENERATION_MODES)
-def test_context_is_never_recomputed(model, mode, monkeypatch):
+def test_context_is_never_recomputed(model, mode):
     """Context-tower token columns processed == prompt + everything committed except the last commit (nothing
-    reads the context after it). Diffusion builds the denoiser's view of the context once per block."""
-    processed, views = [], []
-    append = TwoTowerContextTower._append
-    monkeypatch.setattr(
-        TwoTowerContextTower,
-        "_append",
-        lambda self, cache, ids, *args: processed.append(ids.shape[1]) or append(self, cache, ids, *args),
+    reads the context after it)."""
+    processed = []
+    hook = model.context_tower.register_forward_pre_hook(
+        lambda module, args, kwargs: processed.append(kwargs["input_ids"].shape[1]), with_kwargs=True
     )
-    original_view = TwoTowerCache._build_view
-    monkeypatch.setattr(TwoTowerCache, "_build_view", lambda self, *a: views.append(a) or original_view(self, *a))
     ids = torch.tensor(clean_rows(model, [6]))
-    out = model.generate(
-        ids, generation_mode=mode, max_new_tokens=12, eos_token_id=None, return_dict_in_generate=True, **DIFFUSION
-    )
+    try:
+        out = model.generate(
+            ids, generation_mode=mode, max_new_tokens=12, eos_token_id=None, return_dict_in_generate=True, **DIFFUSION
+        )
+    finally:
+        hook.remove()
     new = out.sequences.shape[1] - 6
     last_commit = 4 if mode == "mask_diffusion" else 1
     assert new == 12 and sum(processed) == 6 + new - last_commit
-    if mode == "mask_diffusion":
-        assert len(views) == 3 < out.nfe.item()  # one view per block, several steps per block
-    elif mode == "mock_ar":
-        assert len(views) == 12
 
 
 def test_max_new_tokens_need_not_fill_the_last_block(model):

@@ -83,38 +83,57 @@ def test_predict_never_returns_the_mask_and_measures_unscaled_confidence():
     torch.testing.assert_close(sampled_confidence, confidence)  # measured on the unscaled distribution
 
 
+class MockState:
+    """A decode state that only knows its rows."""
+
+    def __init__(self, batch_size, max_length, block_size, keep_behind, device):
+        self.batch_size, self.max_length, self.block_size, self.keep_behind = batch_size, max_length, block_size, keep_behind
+        self.device, self.next_token_logits = torch.device(device), None
+
+    def copy_rows_from(self, other, rows):
+        return self
+
+
+class MockSteps:
+    """Random logits; `calls` records each step's kind and token count, `rows` the rows each denoiser call computed."""
+
+    compiled = False
+
+    def __init__(self, model):
+        self.model = model
+
+    def extend(self, state, token_ids, keep_behind=False):
+        self.model.calls.append(("extend", token_ids.shape[1]))
+
+    def denoise(self, state, block_ids, t, behind=False):
+        self.model.calls.append(("denoise", block_ids.shape[1]))
+        self.model.rows_computed.append(block_ids.shape[0])
+        return torch.randn(*block_ids.shape, self.model.vocab, generator=self.model.generator) * 3
+
+
 class MockTwoTower(TwoTowerGenerationMixin):
-    """The generation loop with a fake model: random logits, a cache that only counts. `forwards` counts, for each
-    row, the denoiser forwards that computed it."""
+    """The generation loop with a fake model: random logits, a state that only counts."""
 
     def __init__(self, vocab=16, seed=0):
         self.generation_config = TwoTowerGenerationConfig(mask_token_id=3, pad_token_id=0, eos_token_id=None)
         self.config = PretrainedConfig(vocab_size=vocab)
         self.vocab = vocab
         self.generator = torch.Generator().manual_seed(seed)
-        self.calls = []
-        self.forwards = None
+        self.calls, self.rows_computed = [], []
 
-    def prefill(self, input_ids, attention_mask=None, keep_behind=True):
+    def new_decode_state(self, batch_size, max_length, block_size=None, keep_behind=True, device=None):
+        return MockState(batch_size, max_length, block_size, keep_behind, device)
+
+    def prefill(self, input_ids, attention_mask=None, keep_behind=True, max_length=None, state=None):
         self.calls.append(("prefill", input_ids.shape[1]))
-        self.forwards = torch.zeros(input_ids.shape[0], dtype=torch.long)
-        return {"batch": input_ids.shape[0]}
+        return state
 
-    def extend_context(self, cache, token_ids, keep_behind=True):
-        self.calls.append(("extend", token_ids.shape[1]))
-        return cache
-
-    def denoise_step(self, block_ids, cache, t, behind=False, rows=None, positions=None):
-        self.calls.append(("denoise", block_ids.shape[1]))
-        computed = torch.arange(len(self.forwards)) if rows is None else rows  # no row leaves this cache
-        assert len(computed) == block_ids.shape[0]
-        self.forwards[computed] += 1
-        logits = torch.randn(block_ids.shape[0], block_ids.shape[1], self.vocab, generator=self.generator) * 3
-        return logits if positions is None else logits * positions[..., None]
+    def decode_steps(self, compile_config=None):
+        return MockSteps(self)
 
 
 def test_committed_tokens_never_change_and_every_block_is_filled():
-    model = MockTwoTower()
+    model = MockTwoTower(seed=2)  # a seed whose rows fill their blocks in different numbers of steps
     out = model.generate(
         torch.tensor([[5, 6, 7], [8, 9, 10]]),
         max_new_tokens=8, block_size=4, steps_per_block=4, confidence_threshold=0.5,
@@ -130,20 +149,22 @@ def test_committed_tokens_never_change_and_every_block_is_filled():
         assert torch.equal(newly, before["committed"])
     assert (out.sequences[:, 3:] != 3).all() and out.sequences.shape == (2, 11)
     assert [c for c in model.calls if c[0] != "denoise"] == [("prefill", 3), ("extend", 4)]
-    # NFE against the forwards the model saw, row by row: the rows fill their blocks in different numbers of steps.
-    assert torch.equal(out.nfe, model.forwards) and model.forwards[0] != model.forwards[1]
-    assert model.forwards.tolist() == [len([h for h in history if h["t"][i] > 0]) for i in range(2)]
+    # NFE against the forwards the model ran: every forward computes both rows (none has finished), and a row counts
+    # those in which something of its block was still masked; the rows fill their blocks in different numbers of steps.
+    assert model.rows_computed == [2] * len(history) and out.nfe[0] != out.nfe[1]
+    assert out.nfe.tolist() == [len([h for h in history if h["t"][i] > 0]) for i in range(2)]
+    assert out.nfe.max() == len(history)
 
 
 def test_the_mixin_requires_the_host_interface():
     """A class that mixes in `TwoTowerGenerationMixin` without `GenerationHost`'s methods is refused when it is
     defined, naming what it lacks (instead of an AttributeError in the middle of `generate`)."""
-    with pytest.raises(TypeError, match=r"\['denoise_step'\]"):
+    with pytest.raises(TypeError, match=r"\['decode_steps'\]"):
 
-        class NoDenoiser(TwoTowerGenerationMixin):
-            def prefill(self, input_ids, attention_mask=None, keep_behind=True): ...
+        class NoSteps(TwoTowerGenerationMixin):
+            def new_decode_state(self, batch_size, max_length, block_size=None, keep_behind=True, device=None): ...
 
-            def extend_context(self, cache, token_ids, keep_behind=True): ...
+            def prefill(self, input_ids, attention_mask=None, keep_behind=True, max_length=None, state=None): ...
 
 
 def test_the_release_functions_are_generate_release_with_the_mode():

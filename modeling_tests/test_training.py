@@ -15,21 +15,22 @@ def test_one_pass_training_context_equals_reading_the_sequence_block_by_block(mo
     ids, mask = left_pad(rows)
     view = model.context_tower.training_context(ids, mask, S)
 
-    tower = model.context_tower
-    starts = [tower.zero_mamba_states(2, ids.device)]
-    cache = tower.prefill(ids[:, :S], mask[:, :S], keep_behind=False)
+    state = model.new_decode_state(2, 3 * S, keep_behind=False)
+    starts = [({i: c.clone() for i, c in state.conv.items()}, {i: h.clone() for i, h in state.ssm.items()})]
+    model.prefill(ids[:, :S], mask[:, :S], keep_behind=False, state=state)
     for b in range(1, 3):
-        starts.append(cache.snapshot_mamba_states())
-        tower.extend(cache, ids[:, b * S : (b + 1) * S], keep_behind=False)
-    for i in cache.mamba_layers:
+        starts.append(({i: c.clone() for i, c in state.conv.items()}, {i: h.clone() for i, h in state.ssm.items()}))
+        model.extend_context(state, ids[:, b * S : (b + 1) * S], keep_behind=False)
+    for i in state.conv:
         conv = view.conv_history[i].unflatten(0, (2, 3))  # (B, nb, conv_dim, K - 1)
         ssm = view.ssm_states[i].unflatten(0, (2, 3))
-        for b, states in enumerate(starts):
-            torch.testing.assert_close(conv[:, b], states[i][0][..., 1:], rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(ssm[:, b], states[i][1], rtol=1e-5, atol=1e-6)
-    for i in cache.attention_layers:
-        torch.testing.assert_close(view.keys[i], cache.layers[i].keys, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(view.values[i], cache.layers[i].values, rtol=1e-5, atol=1e-6)
+        for b, (conv_start, ssm_start) in enumerate(starts):
+            torch.testing.assert_close(conv[:, b], conv_start[i][..., 1:], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ssm[:, b], ssm_start[i], rtol=1e-5, atol=1e-6)
+    real = mask.bool()[:, None, :, None]
+    for i in state.keys:
+        for trained, decoded in ((view.keys[i], state.keys[i]), (view.values[i], state.values[i])):
+            torch.testing.assert_close(trained * real, decoded[:, :, : 3 * S] * real, rtol=1e-5, atol=1e-6)
 
 
 def test_training_forward_equals_inference(model):

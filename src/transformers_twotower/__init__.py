@@ -3,7 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_twotower import TwoTowerConfig
-from .context_twotower import DenoiserContext, TwoTowerCache, TwoTowerContextTower
+from .context_twotower import DenoiserContext, TwoTowerCache, TwoTowerContextTower, TwoTowerDecodeState
 from .denoiser_twotower import TwoTowerDenoiser
 from .generation_config_twotower import DiffusionStep, TwoTowerGenerationConfig, TwoTowerGenerationOutput
 from .generation_twotower import TwoTowerGenerationMixin
@@ -20,6 +20,7 @@ __all__ = [
     "TwoTowerCache",
     "TwoTowerConfig",
     "TwoTowerContextTower",
+    "TwoTowerDecodeState",
     "TwoTowerDenoiser",
     "TwoTowerForDiffusionLM",
     "TwoTowerGenerationConfig",

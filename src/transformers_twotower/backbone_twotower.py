@@ -9,6 +9,7 @@
 See docs/architecture.md ("The backbone", "Context-seeded Mamba").
 """
 
+import functools
 import importlib
 import math
 
@@ -224,10 +225,25 @@ def block_start_states(
     return conv_starts, torch.stack(ssm_starts, dim=1)
 
 
+def compiled_once_per_kind(forward):
+    """Mark a block's `forward` as a region compiled once and reused by every block that traces to the same graph
+    (`torch.compiler.nested_compile_region`): a compiled decoding step then compiles one block of each kind, however
+    deep the towers are. Decoding only (no gradient): the region does not take the in-place writes of a training
+    graph, and eager calls are unchanged."""
+    region = torch.compiler.nested_compile_region(forward)
+
+    @functools.wraps(forward)
+    def dispatch(self, *args, **kwargs):
+        return forward(self, *args, **kwargs) if torch.is_grad_enabled() else region(self, *args, **kwargs)
+
+    return dispatch
+
+
 class TwoTowerBlock(NemotronHBlock):
     """A Nemotron-H block (pre-norm residual) whose mixer comes from `mixer_types`, its tower's table."""
 
     mixer_types = MIXER_TYPES
+    forward = compiled_once_per_kind(NemotronHBlock.forward)
 
     def __init__(self, config: TwoTowerConfig, layer_idx: int):
         nn.Module.__init__(self)

@@ -1,19 +1,16 @@
-"""The context tower and the context it writes (docs/architecture.md, "The context tower" and "Caches").
+"""The context tower and the denoiser's view of a context (docs/architecture.md, "The context tower").
 
-The context tower is the frozen autoregressive backbone with its head. It computes everything a `TwoTowerCache`
-holds (generation only drops finished rows from it, with `keep_rows`):
-
-- `prefill` reads left-padded prompts, `extend` appends committed tokens (the prefix is never recomputed);
-- `training_context` reads a whole clean training sequence, block after block;
-- both hand the denoiser a `DenoiserContext` (it never writes the context's positions), built by one function,
-  `denoiser_view`: at inference one noisy block per row after the whole cache, in training every block of the
-  sequence, block `b` after the clean context `< b * S`.
+The context tower is the frozen autoregressive backbone with its head; its forward is Nemotron-H's. At inference it
+writes a `decoding_twotower.TwoTowerDecodeState` (prefill, committed blocks, AR tokens), in training it reads a whole
+clean sequence in one pass (`training_context`). Either way the denoiser gets a `DenoiserContext`: at inference one
+noisy block per row after the state's context (`decoding_twotower.denoiser_context`), in training every block of the
+sequence, block `b` after the clean context `< b * S` (`denoiser_view`).
 
 "Behind" names one concept: the context as it was one token earlier (K/V without the last position, the Mamba
-states before the last token). Mock-AR reads it; `keep_behind` decides whether the cache keeps those states.
+states before the last token). Mock-AR reads it; `keep_behind` decides whether the state keeps those Mamba states.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,15 +26,13 @@ from .backbone_twotower import TwoTowerBlock, TwoTowerMamba2Mixer, TwoTowerPreTr
 from .configuration_twotower import TwoTowerConfig
 
 
-MambaStates = dict[int, tuple[torch.Tensor, torch.Tensor]]  # {layer: (conv_state (B, conv_dim, K), ssm_state)}
-
-
 @dataclass
 class DenoiserContext:
     """The denoiser's view of a context, per layer index. It reads the context; at inference each step writes its
-    block's K/V into the tail of `joint_keys` / `joint_values` (never into the context positions).
+    block's K/V at `block_positions` of the decode state's buffers (never into the context positions).
 
-    - `keys`, `values`: attention layers' context K/V, `(B, kv_heads, T, head_dim)`;
+    - `keys`, `values`: attention layers' context K/V, `(B, kv_heads, T, head_dim)`; at inference the decode state's
+      whole buffers, `T` = its width;
     - `conv_history`: Mamba layers' last `conv_kernel - 1` raw `xBC` columns before each block,
       `(B * nb, conv_dim, K - 1)`;
     - `ssm_states`: the SSM state each block's scan starts from, `(B * nb, heads, head_dim, state)`;
@@ -45,9 +40,7 @@ class DenoiserContext:
     - `num_blocks`: noisy blocks per row (1 at inference, every block of the sequence in training);
     - `blockwise`: training's block structure without a dense mask (block `b` sees context keys `< b * S` and its own
       block), with `key_padding`, additive over `[context keys | block keys]`, or None when every key is real;
-    - `joint_keys`, `joint_values` (inference views): per attention layer a `(B, kv_heads, T + S, head_dim)` buffer
-      whose first T positions hold the context K/V (`keys`/`values` are views of them); each step writes its block's
-      K/V into the tail instead of concatenating the whole context again.
+    - `block_positions` (inference): where in `keys` / `values` the block's own K/V are written, `(L,)`.
     """
 
     keys: dict[int, torch.Tensor]
@@ -58,39 +51,7 @@ class DenoiserContext:
     num_blocks: int = 1
     blockwise: bool = False
     key_padding: torch.Tensor | None = None
-    joint_keys: dict[int, torch.Tensor] = field(default_factory=dict)
-    joint_values: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    def select_rows(self, rows: torch.LongTensor) -> "DenoiserContext":
-        """The view of these rows only (inference: one block per row), each tensor gathered on its own device."""
-        if self.num_blocks != 1:
-            raise ValueError("Only a one-block (inference) view can be narrowed to some of its rows.")
-        pick = lambda tensors: {i: x.index_select(0, rows.to(x.device)) for i, x in tensors.items()}  # noqa: E731
-        mask = self.attention_mask
-        if mask is not None:
-            mask = mask.index_select(0, rows.to(mask.device))
-        keys, values = pick(self.joint_keys or self.keys), pick(self.joint_values or self.values)
-        view = DenoiserContext(keys, values, pick(self.conv_history), pick(self.ssm_states), mask)
-        if self.joint_keys:  # the gathered tensors are [context | block] buffers: view the context in them
-            length = self.context_length
-            view.joint_keys, view.joint_values = keys, values
-            view.keys = {i: buffer[:, :, :length] for i, buffer in keys.items()}
-            view.values = {i: buffer[:, :, :length] for i, buffer in values.items()}
-        return view
-
-    @property
-    def context_length(self) -> int:
-        return next(iter(self.keys.values())).shape[2] if self.keys else 0
-
-    def with_joint_buffers(self, block_length: int) -> "DenoiserContext":
-        """Give an inference view its `[context | block]` K/V buffers (one copy of the context per view)."""
-        length = self.context_length
-        for tensors, buffers in ((self.keys, self.joint_keys), (self.values, self.joint_values)):
-            for i, tensor in list(tensors.items()):
-                buffer = tensor.new_empty(*tensor.shape[:2], length + block_length, tensor.shape[3])
-                buffer[:, :, :length] = tensor
-                buffers[i], tensors[i] = buffer, buffer[:, :, :length]
-        return self
+    block_positions: torch.Tensor | None = None
 
 
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -102,6 +63,17 @@ def check_prompt_ids(input_ids):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"`input_ids` must be a non-empty (batch, length) tensor, got {shape}.")
+
+
+def check_token_ids(token_ids: torch.Tensor, vocab_size: int, name: str = "input_ids"):
+    """Refuse ids that are not integers or lie outside `[0, vocab_size)`, before any embedding reads them."""
+    if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
+        raise ValueError(f"`{name}` must hold integer token ids, got dtype {token_ids.dtype}.")
+    if token_ids.numel():
+        low, high = int(token_ids.min()), int(token_ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"`{name}` holds the id {bad}, outside the vocabulary's range [0, {vocab_size}).")
 
 
 def check_left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -166,128 +138,175 @@ def denoiser_view(
     return DenoiserContext(keys, values, conv_history, ssm_states, mask, num_blocks)
 
 
-class TwoTowerCache(DynamicCache):
-    """Everything the context tower has computed about the prompt and the committed tokens.
+def execution_device(module: nn.Module, default) -> torch.device:
+    """Where `module` computes: its Accelerate hook's device when it has one (offloaded weights are on `meta`), else
+    its weights' device, else `default`."""
+    hook_device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if hook_device is not None:
+        return torch.device(hook_device)
+    weight = next(module.parameters(), None)
+    return torch.device(default) if weight is None or weight.device.type == "meta" else weight.device
 
-    transformers' hybrid `DynamicCache` (K/V per attention layer; conv and SSM state per Mamba layer) plus:
 
-    - `attention_mask` `(B, T)`: 1 for real context tokens, 0 for left padding;
-    - `next_token_logits` `(B, V)`, fp32: the context tower's prediction after the last context token;
-    - `mamba_states_behind`: `{layer: (conv_state, ssm_state)}` before the last context token, or None when the cache
-      does not keep them (a one-pass prefill, or a multi-token extension);
-    - `num_context_tokens`: how many token columns the context tower has processed into this cache.
+class TwoTowerDecodeState:
+    """The fixed-address state both towers decode from (docs/architecture.md, "Decoding").
 
-    `TwoTowerContextTower` writes it, and generation drops finished rows from it (`keep_rows`); the denoiser reads it
-    through `denoiser_context`.
+    keys, values: `{layer: (B, kv_heads, max_length + block_size, hd)}`; positions `< max_length` are the context, the
+        last `block_size` the denoiser's block region; each on its layer's device, in its layer's dtype;
+    conv, ssm: `{layer: (B, conv_dim, K)}` raw xBC inputs and `{layer: (B, heads, hd, N)}` fp32 SSM states;
+    conv_behind, ssm_behind: the same one token behind (Mock-AR), or empty;
+    key_real: `(B, max_length + block_size)` bool, True at real context positions (never in the block region);
+    length: 0-d long tensor, the context positions written so far (prompts are left-padded: all rows share it);
+    num_written: the same on the host (bounds are checked there, without reading `length`);
+    behind_ready: whether `conv_behind` / `ssm_behind` are one token behind the context (the last write was one
+        token that kept them);
+    next_token_logits: `(B, V)` fp32, the context tower's prediction after the last context token.
     """
 
-    def __init__(self, config: TwoTowerConfig):
-        super().__init__(config=config)
-        self.mamba_layers = [i for i, kind in enumerate(config.layers_block_type) if kind == "linear_attention"]
-        self.attention_layers = [i for i, kind in enumerate(config.layers_block_type) if kind == "full_attention"]
-        self.attention_mask: torch.Tensor | None = None
+    def __init__(self, model, batch_size: int, max_length: int, block_size: int, keep_behind: bool, device):
+        self.batch_size, self.max_length, self.block_size, self.keep_behind = batch_size, max_length, block_size, keep_behind
+        self.keys, self.values, self.conv, self.ssm, self.conv_behind, self.ssm_behind = {}, {}, {}, {}, {}, {}
+        width = max_length + block_size
+        for layer in model.context_tower.layers:
+            i, mixer = layer.layer_idx, layer.mixer
+            where = execution_device(layer, device)
+            if layer.block_type == "full_attention":
+                weight = mixer.k_proj.weight
+                shape = (batch_size, weight.shape[0] // mixer.head_dim, width, mixer.head_dim)
+                self.keys[i] = torch.zeros(shape, dtype=weight.dtype, device=where)
+                self.values[i] = torch.zeros(shape, dtype=weight.dtype, device=where)
+            elif layer.block_type == "linear_attention":
+                dtype = mixer.in_proj.weight.dtype
+                self.conv[i] = torch.zeros(batch_size, mixer.conv_dim, mixer.conv_kernel_size, dtype=dtype, device=where)
+                self.ssm[i] = torch.zeros(
+                    batch_size, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, device=where
+                )
+                if keep_behind:
+                    self.conv_behind[i], self.ssm_behind[i] = torch.zeros_like(self.conv[i]), torch.zeros_like(self.ssm[i])
+        self.key_real = torch.zeros(batch_size, width, dtype=torch.bool, device=device)
+        self.length = torch.zeros((), dtype=torch.long, device=device)
+        self.num_written, self.behind_ready = 0, False
         self.next_token_logits: torch.Tensor | None = None
-        self.mamba_states_behind: MambaStates | None = None
-        self.num_context_tokens = 0
-        # Set by `training_context` for its one pass: the Mamba states at every block start, per Mamba layer.
-        self.block_size: int | None = None
-        self.block_starts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._views: dict[tuple, DenoiserContext] = {}
+        for tensor in self.tensors():
+            torch._dynamo.mark_static_address(tensor)  # CUDA graphs read and write them in place
 
     @property
-    def context_length(self) -> int:
-        return 0 if self.attention_mask is None else self.attention_mask.shape[1]
+    def shape_key(self) -> tuple:
+        """What a compiled step is specialised to; states with the same key are interchangeable (`StatePool`)."""
+        return (self.batch_size, self.max_length, self.block_size, self.keep_behind, self.device)
 
-    def mamba_states(self) -> MambaStates:
-        """`{layer: (conv_state (B, conv_dim, K), ssm_state (B, heads, head_dim, state))}`, the live tensors."""
-        return {i: (self.layers[i].conv_states[0], self.layers[i].recurrent_states[0]) for i in self.mamba_layers}
+    @property
+    def device(self) -> torch.device:
+        return self.key_real.device
 
-    def snapshot_mamba_states(self) -> MambaStates:
-        """A copy of the Mamba states (the cache updates them in place)."""
-        return {i: (conv.clone(), ssm.clone()) for i, (conv, ssm) in self.mamba_states().items()}
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.keys.values())).dtype if self.keys else torch.float32
 
-    @torch.compiler.disable  # bookkeeping (a memo of views), no math worth compiling
-    def denoiser_context(
-        self, block_length: int, behind: bool = False, rows: torch.LongTensor | None = None
-    ) -> DenoiserContext:
-        """The denoiser's view of this context for one block of `block_length` tokens per row, memoised until the
-        context tower writes again. `behind=True` is Mock-AR's view, the context one token behind. `rows` narrows it
-        to some of the cache's rows (in that order)."""
-        key = (self.num_context_tokens, block_length, behind, None if rows is None else tuple(rows.tolist()))
-        if key not in self._views:
-            self._views = {k: v for k, v in self._views.items() if k[0] == self.num_context_tokens}
-            if rows is None:
-                self._views[key] = self._build_view(block_length, behind)
-            else:
-                self._views[key] = self.denoiser_context(block_length, behind).select_rows(rows)
-        return self._views[key]
+    def tensors(self) -> list[torch.Tensor]:
+        groups = [self.keys, self.values, self.conv, self.ssm, self.conv_behind, self.ssm_behind]
+        return [t for group in groups for t in group.values()] + [self.key_real, self.length]
 
-    def keep_rows(self, rows: torch.LongTensor) -> None:
-        """Keep only these rows of the batch (in this order), in every tensor the cache holds; generation drops the
-        rows that have finished, so that neither tower computes for them again."""
-        self.reorder_cache(rows)  # transformers' per-layer row gather: K/V, conv and SSM states
-        pick = lambda x: None if x is None else x.index_select(0, rows.to(x.device))  # noqa: E731
-        self.attention_mask = pick(self.attention_mask)
-        self.next_token_logits = pick(self.next_token_logits)
-        if self.mamba_states_behind is not None:
-            self.mamba_states_behind = {i: (pick(c), pick(s)) for i, (c, s) in self.mamba_states_behind.items()}
-        self._views = {}
+    def reset(self) -> "TwoTowerDecodeState":
+        """Empty: no context written (the buffers keep their addresses)."""
+        for tensor in self.tensors():
+            tensor.zero_()
+        self.num_written, self.behind_ready, self.next_token_logits = 0, False, None
+        return self
 
-    def _build_view(self, block_length: int, behind: bool) -> DenoiserContext:
-        if self.attention_mask is None:
-            raise ValueError("The cache is empty: build it with `model.prefill(input_ids)` first.")
-        end = self.context_length - 1 if behind else self.context_length
-        if not behind:
-            states = self.mamba_states()
-        elif self.mamba_states_behind is None:
+    def check_room(self, length: int, what: str):
+        """Refuse, before anything runs, `length` more context tokens that would not fit."""
+        if self.num_written + length > self.max_length:
             raise ValueError(
-                "This cache holds no Mamba states one token behind (it was read in one pass, or its last extension "
-                "was a multi-token block); Mock-AR needs a cache built by `prefill` and extended one token at a time."
+                f"{what} of {length} tokens does not fit the decode state: {self.num_written} of its "
+                f"{self.max_length} context positions are written. Prefill with a larger `max_length`."
             )
-        else:
-            states = self.mamba_states_behind
-        keys = {i: self.layers[i].keys[:, :, :end] for i in self.attention_layers}
-        values = {i: self.layers[i].values[:, :, :end] for i in self.attention_layers}
-        conv_history = {i: conv[..., 1:] for i, (conv, _) in states.items()}
-        ssm_states = {i: ssm for i, (_, ssm) in states.items()}
-        view = denoiser_view(keys, values, conv_history, ssm_states, self.attention_mask[:, :end], [end], block_length)
-        return view.with_joint_buffers(block_length)
+
+    def copy_rows_from(self, other: "TwoTowerDecodeState", rows: torch.LongTensor) -> "TwoTowerDecodeState":
+        """Fill this state with `other`'s `rows` (in that order; as many as this state's batch)."""
+        for mine, theirs in zip(self.tensors()[:-1], other.tensors()[:-1]):
+            mine.copy_(theirs.index_select(0, rows.to(theirs.device)))
+        self.length.copy_(other.length)
+        self.num_written, self.behind_ready = other.num_written, other.behind_ready
+        logits = other.next_token_logits
+        self.next_token_logits = None if logits is None else logits.index_select(0, rows.to(logits.device))
+        return self
+
+    # The context tower's attention layers write through transformers' cache interface (`NemotronHAttention`).
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """Write a step's K/V `(B, kv_heads, L, hd)` at context positions `length .. length + L - 1` and return the
+        layer's whole buffers (`visible_keys` masks what is not context yet, and the block region)."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        positions = self.length.to(keys.device) + torch.arange(key_states.shape[2], device=keys.device)
+        keys.index_copy_(2, positions, key_states.to(keys.dtype))
+        values.index_copy_(2, positions, value_states.to(values.dtype))
+        return keys, values
+
+    def write_mamba_state(self, layer_idx: int, conv: torch.Tensor, ssm: torch.Tensor):
+        self.conv[layer_idx].copy_(conv)
+        self.ssm[layer_idx].copy_(ssm)
+
+    def keep_states_behind(self):
+        for i in self.conv_behind:
+            self.conv_behind[i].copy_(self.conv[i])
+            self.ssm_behind[i].copy_(self.ssm[i])
+
+
+class TwoTowerCache(DynamicCache):
+    """The context tower's cache for one training pass (`TwoTowerContextTower.training_context`): transformers'
+    hybrid `DynamicCache` (K/V per attention layer), plus the Mamba states at every block start, which each block's
+    denoiser scan starts from. Inference decodes from `decoding_twotower.TwoTowerDecodeState` instead."""
+
+    def __init__(self, config: TwoTowerConfig, block_size: int):
+        super().__init__(config=config)
+        self.attention_layers = [i for i, kind in enumerate(config.layers_block_type) if kind == "full_attention"]
+        self.block_size = block_size
+        self.block_starts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per Mamba layer, set by its mixer
 
 
 class ContextMamba2Mixer(TwoTowerMamba2Mixer):
-    """The context tower's Mamba-2 mixer: Nemotron-H's forward, plus two cases Nemotron-H does not have:
+    """The context tower's Mamba-2 mixer: every case is the seeded scan (`seeded_scan`), so the `dt` clamp and the
+    scan are written once for both towers:
 
-    - appending a committed block (several tokens) to a cache that already holds a state: the seeded scan;
-    - a training cache (`block_size` set): one pass over the whole clean sequence that also records the state at
-      every block start, which each block's denoiser scan starts from.
+    - no cache (`model(input_ids)`, log-likelihoods): from the empty state;
+    - a decode state (`decoding_twotower`: prefill, extensions, AR steps): from the state's, written back in place;
+    - a training cache: from the empty state over the whole clean sequence, also recording the state at every block
+      start.
     """
 
     def forward(self, hidden_states, cache_params=None, attention_mask=None, **kwargs):
-        if cache_params is None or hidden_states.shape[1] == 1:
-            return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+        # Padding is zeroed before the projection, as in Nemotron-H (the scan zeroes it again after the conv).
         hidden_states = apply_mask_to_padding_states(hidden_states, attention_mask)
-        if getattr(cache_params, "block_size", None) is not None:  # a training cache
-            batch_size = hidden_states.shape[0]
-            conv_history = hidden_states.new_zeros(batch_size, self.conv_dim, self.conv_kernel_size - 1)
-            ssm_state = torch.zeros(
-                batch_size, self.num_heads, self.head_dim, self.ssm_state_size, device=hidden_states.device
+        if cache_params is not None and not isinstance(cache_params, TwoTowerDecodeState | TwoTowerCache):
+            raise TypeError(
+                f"TwoTower's context tower writes a `TwoTowerDecodeState` (`model.prefill`), not a "
+                f"{type(cache_params).__name__}; call it with `use_cache=False` for a forward without a cache."
             )
-            gate, conv_inputs, x, dt, B, C = self.scan_inputs(hidden_states, conv_history, attention_mask)
-            y, _ = self.scan_from(x, dt, B, C, ssm_state)
-            cache_params.block_starts[self.layer_idx] = block_start_states(
-                conv_inputs, x, dt, self.ssm_decay_rates, B, ssm_state, cache_params.block_size, self.conv_kernel_size
+        if isinstance(cache_params, TwoTowerDecodeState):
+            i = self.layer_idx
+            out, conv, ssm = self.seeded_scan(
+                hidden_states, cache_params.conv[i][..., 1:], cache_params.ssm[i], attention_mask
             )
-            return self.gated_output(y, gate, hidden_states.dtype)
-        if not cache_params.has_previous_state(self.layer_idx):
-            return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
-        conv_state = cache_params.get_conv_state(self.layer_idx)
-        ssm_state = cache_params.get_recurrent_state(self.layer_idx)
-        out, new_conv_state, new_ssm_state = self.seeded_scan(
-            hidden_states, conv_state[..., 1:], ssm_state, attention_mask
+            cache_params.write_mamba_state(i, conv, ssm)
+            return out
+        conv_history, ssm_state = self.empty_state(hidden_states)
+        if cache_params is None:
+            return self.seeded_scan(hidden_states, conv_history, ssm_state, attention_mask)[0]
+        gate, conv_inputs, x, dt, B, C = self.scan_inputs(hidden_states, conv_history, attention_mask)
+        y, _ = self.scan_from(x, dt, B, C, ssm_state)
+        cache_params.block_starts[self.layer_idx] = block_start_states(
+            conv_inputs, x, dt, self.ssm_decay_rates, B, ssm_state, cache_params.block_size, self.conv_kernel_size
         )
-        conv_state.copy_(new_conv_state)  # in place: the cache's tensors keep their addresses
-        ssm_state.copy_(new_ssm_state)
-        return out
+        return self.gated_output(y, gate, hidden_states.dtype)
+
+    def empty_state(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conv history `(B, conv_dim, K - 1)` and SSM state `(B, heads, hd, N)` (fp32) of an empty context."""
+        batch_size = hidden_states.shape[0]
+        conv_history = hidden_states.new_zeros(batch_size, self.conv_dim, self.conv_kernel_size - 1)
+        ssm_state = torch.zeros(
+            batch_size, self.num_heads, self.head_dim, self.ssm_state_size, device=hidden_states.device
+        )
+        return conv_history, ssm_state
 
 
 class TwoTowerContextBlock(TwoTowerBlock):
@@ -316,46 +335,6 @@ class TwoTowerContextTower(TwoTowerPreTrainedModel, NemotronHModel):
     def next_token_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden_states).float()
 
-    @torch.no_grad()
-    def prefill(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, keep_behind: bool = True
-    ) -> TwoTowerCache:
-        """Read left-padded prompts `(B, T)` into a new cache.
-
-        With `keep_behind` the prompt is read as the release reads it, in two passes (all but the last token, then
-        the last token), so that the cache also holds the Mamba states one token behind; without, in one pass.
-        """
-        mask = check_left_padded(input_ids, attention_mask)
-        cache = TwoTowerCache(self.config)
-        if not keep_behind:
-            hidden = self._append(cache, input_ids, mask)
-        else:
-            if input_ids.shape[1] > 1:
-                self._append(cache, input_ids[:, :-1], mask[:, :-1])
-                behind = cache.snapshot_mamba_states()
-            else:
-                behind = self.zero_mamba_states(input_ids.shape[0], input_ids.device)
-            hidden = self._append(cache, input_ids[:, -1:], mask)
-            cache.mamba_states_behind = behind
-        cache.next_token_logits = self.next_token_logits(hidden[:, -1])
-        return cache
-
-    @torch.no_grad()
-    def extend(self, cache: TwoTowerCache, token_ids: torch.LongTensor, keep_behind: bool = True) -> TwoTowerCache:
-        """Append committed tokens `(B, L)` to the cache. A single token keeps the states behind it (unless
-        `keep_behind=False`); a multi-token block does not."""
-        batch_size = cache.attention_mask.shape[0]
-        if token_ids.dim() != 2 or token_ids.shape[0] != batch_size or token_ids.shape[1] == 0:
-            raise ValueError(
-                f"`token_ids` must have shape (batch={batch_size}, length >= 1), got {tuple(token_ids.shape)}."
-            )
-        behind = cache.snapshot_mamba_states() if keep_behind and token_ids.shape[1] == 1 else None
-        mask = torch.cat([cache.attention_mask, torch.ones_like(token_ids)], dim=1)
-        hidden = self._append(cache, token_ids, mask)
-        cache.mamba_states_behind = behind
-        cache.next_token_logits = self.next_token_logits(hidden[:, -1])
-        return cache
-
     @torch.compiler.disable  # bookkeeping around one pass; the pass itself is Nemotron-H's forward
     @torch.no_grad()
     def training_context(
@@ -366,9 +345,13 @@ class TwoTowerContextTower(TwoTowerPreTrainedModel, NemotronHModel):
         `b` sees context positions `< b * S` (blockwise attention: no dense mask; the tests hold the dense
         reference)."""
         num_blocks = input_ids.shape[1] // block_size
-        cache = TwoTowerCache(self.config)
-        cache.block_size = block_size
-        self._append(cache, input_ids, attention_mask)
+        cache = TwoTowerCache(self.config, block_size)
+        self(
+            input_ids=input_ids,
+            attention_mask=None if bool(attention_mask.all()) else attention_mask,
+            past_key_values=cache,
+            use_cache=True,
+        )
         keys = {i: cache.layers[i].keys for i in cache.attention_layers}
         values = {i: cache.layers[i].values for i in cache.attention_layers}
         conv_history = {i: conv.flatten(0, 1) for i, (conv, _) in cache.block_starts.items()}  # (B * nb, ...)
@@ -376,39 +359,12 @@ class TwoTowerContextTower(TwoTowerPreTrainedModel, NemotronHModel):
         ends = [b * block_size for b in range(num_blocks)]
         return denoiser_view(keys, values, conv_history, ssm_states, attention_mask, ends, block_size, attention_mask)
 
-    def zero_mamba_states(self, batch_size: int, device: torch.device) -> MambaStates:
-        """The Mamba states of an empty context, on `device` (weights may be offloaded, so not theirs)."""
-        mixer = next(layer.mixer for layer in self.layers if layer.block_type == "linear_attention")
-        conv = torch.zeros(
-            batch_size, mixer.conv_dim, mixer.conv_kernel_size, dtype=mixer.in_proj.weight.dtype, device=device
-        )
-        ssm = torch.zeros(
-            batch_size, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, dtype=torch.float32, device=device
-        )
-        return {
-            layer.layer_idx: (conv.clone(), ssm.clone())
-            for layer in self.layers
-            if layer.block_type == "linear_attention"
-        }
-
-    def _append(self, cache: TwoTowerCache, token_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Run over `token_ids` (B, L) into the cache; `attention_mask` covers the whole context, these tokens
-        included. Returns the last hidden states (B, L, H)."""
-        cache.attention_mask = attention_mask
-        hidden = self(
-            input_ids=token_ids,
-            attention_mask=None if bool(attention_mask.all()) else attention_mask,
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state
-        cache.num_context_tokens += token_ids.shape[1]
-        return hidden
-
 
 __all__ = [
     "DenoiserContext",
     "TwoTowerCache",
     "TwoTowerContextTower",
+    "TwoTowerDecodeState",
     "check_left_padded",
     "check_prompt_ids",
     "denoiser_view",

@@ -26,7 +26,7 @@ from transformers.models.nemotron_h.modeling_nemotron_h import (
     eager_attention_forward,
 )
 
-from .backbone_twotower import TwoTowerBlock, TwoTowerMamba2Mixer, TwoTowerPreTrainedModel
+from .backbone_twotower import TwoTowerBlock, TwoTowerMamba2Mixer, TwoTowerPreTrainedModel, compiled_once_per_kind
 from .configuration_twotower import TwoTowerConfig
 from .context_twotower import DenoiserContext
 
@@ -115,8 +115,7 @@ class DenoiserAttention(NemotronHAttention):
         num_blocks: int = 1,
         blockwise: bool = False,
         key_padding: torch.Tensor | None = None,
-        joint_keys: torch.Tensor | None = None,
-        joint_values: torch.Tensor | None = None,
+        block_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden_states: (B * nb, S, H), context K/V: (B, kv_heads, T, hd). No causal mask.
 
@@ -124,8 +123,8 @@ class DenoiserAttention(NemotronHAttention):
         or None for "every key visible". Blockwise (training, `T = nb * S`): block `b` attends to the context keys
         `< b * S` and its own block, one attention call per block, so no (nb * S, T + nb * S) mask is ever built and
         memory grows linearly with the sequence; `key_padding` (B, T + nb * S) is additive, or None when every key is
-        real. `joint_keys`/`joint_values` (B, kv_heads, T + S, hd), an inference view's buffers whose first T
-        positions are the context K/V: eager inference writes the block's K/V into their tail instead of concatenating.
+        real. Inference (`block_positions` given): the context K/V are the decode state's buffers (B, kv_heads, width,
+        hd); the block's K/V are written at `block_positions` (L,) of them and `attention_mask` covers `width`.
         """
         rows, length, _ = hidden_states.shape
         hidden_states = hidden_states.reshape(rows // num_blocks, num_blocks * length, -1)  # (B, nb * S, H)
@@ -134,6 +133,11 @@ class DenoiserAttention(NemotronHAttention):
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, heads, nb * S, hd)
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, kv_heads, nb * S, hd)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if block_positions is not None:
+            # Inference: the block's K/V are written into the decode state's buffers (on the context tower's
+            # device), and the queries attend over them where they lie.
+            context_keys.index_copy_(2, block_positions.to(context_keys.device), key.to(context_keys))
+            context_values.index_copy_(2, block_positions.to(context_values.device), value.to(context_values))
         # The context K/V (written by the context tower, perhaps on another device) move to this layer.
         context_keys = context_keys.to(key.device, key.dtype)
         context_values = context_values.to(value.device, value.dtype)
@@ -142,13 +146,8 @@ class DenoiserAttention(NemotronHAttention):
             output = self._blockwise(query, key, value, context_keys, context_values, key_padding, num_blocks, dropout)
             return self.o_proj(output.reshape(rows, length, -1))
 
-        in_place = joint_keys is not None and joint_keys.device == key.device and joint_keys.dtype == key.dtype
-        if in_place and not torch.is_grad_enabled():
-            # Inference: the block's K/V go into the tail of the [context | block] buffers (the decode state's block
-            # region, or an eager view's own buffers), so the context is read where it lies.
-            joint_keys[:, :, -key.shape[2] :] = key
-            joint_values[:, :, -value.shape[2] :] = value
-            key, value = joint_keys, joint_values
+        if block_positions is not None:
+            key, value = context_keys, context_values
         else:  # training
             key = torch.cat([context_keys, key], dim=2)  # (B, kv_heads, T + nb * S, hd)
             value = torch.cat([context_values, value], dim=2)
@@ -216,6 +215,7 @@ class TwoTowerDenoiserBlock(TwoTowerBlock):
 
     mixer_types = {**MIXER_TYPES, "linear_attention": DenoiserMamba2Mixer, "full_attention": DenoiserAttention}
 
+    @compiled_once_per_kind
     def forward(
         self, hidden_states: torch.Tensor, modulation: torch.Tensor | None, context: DenoiserContext
     ) -> torch.Tensor:
@@ -236,7 +236,7 @@ class TwoTowerDenoiserBlock(TwoTowerBlock):
         elif self.block_type == "full_attention":
             out = self.mixer(
                 normed, context.keys[i], context.values[i], context.attention_mask, context.num_blocks,
-                context.blockwise, context.key_padding, context.joint_keys.get(i), context.joint_values.get(i),
+                context.blockwise, context.key_padding, context.block_positions,
             )  # fmt: skip
         else:
             out = self.mixer(normed)

@@ -14,7 +14,7 @@ from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList
 from transformers.generation import logits_process
 from transformers.utils import logging
 
-from .context_twotower import check_left_padded, check_prompt_ids
+from .context_twotower import check_left_padded, check_prompt_ids, check_token_ids
 from .defaults_twotower import TWOTOWER_GENERATION_DEFAULTS
 from .generation_config_twotower import TwoTowerGenerationConfig
 
@@ -91,6 +91,7 @@ class GenerationArguments(GenerationMixin):
         if input_ids is None:
             raise ValueError("`input_ids` is required: TwoTower generates after a prompt.")
         check_prompt_ids(input_ids)
+        check_token_ids(input_ids, self.config.vocab_size)
 
         provided = generation_config is not None
         config = (

@@ -58,7 +58,7 @@ class RowTracker:
             if not self.keep_eos_block:
                 real &= ~after_eos
             self.finished |= is_eos.any(-1)
-        tokens[~real] = self.pad_token_id
+        tokens = tokens.masked_fill(~real, self.pad_token_id)
         self.num_generated += real.sum(-1)
         self.sequences = torch.cat([self.sequences, tokens], dim=-1)
         self.last_real = real
@@ -149,10 +149,11 @@ class CommitRecord:
         self.block_steps = torch.full((batch_size, block_size), -1, dtype=torch.long, device=device)
 
     def commit(self, commit: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor):
+        # Selected on the device (a boolean index would read the commit count on the host).
         if self.block_scores is not None:
-            self.block_scores[commit] = scores[commit]  # in place: only the committed positions' rows move
+            self.block_scores = torch.where(commit[..., None], scores, self.block_scores)
         if self.block_logits is not None:
-            self.block_logits[commit] = logits[commit].float()
+            self.block_logits = torch.where(commit[..., None], logits.float(), self.block_logits)
         self.block_steps = torch.where(commit, self.tracker.nfe[:, None], self.block_steps)  # (B, S): small
 
     def end_block(self):

@@ -15,13 +15,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import CompileConfig
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.utils import can_return_tuple, logging
 
 from .backbone_twotower import TwoTowerPreTrainedModel
 from .card_twotower import model_card
 from .configuration_twotower import TwoTowerConfig
-from .context_twotower import TwoTowerCache, TwoTowerContextTower
+from .context_twotower import TwoTowerContextTower, TwoTowerDecodeState, check_left_padded, check_token_ids
+from .decoding_twotower import DecodeSteps, context_step
 from .denoiser_twotower import TwoTowerDenoiser
 from .generation_config_twotower import TwoTowerGenerationConfig
 from .generation_twotower import TwoTowerGenerationMixin
@@ -151,53 +153,92 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
     # ----------------------------------------------------------------------------------------------------------------
     # Inference building blocks
 
-    def prefill(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, keep_behind: bool = True
-    ) -> TwoTowerCache:
-        """Run the context tower over left-padded prompts `(B, T)` and return their cache (see
-        `TwoTowerContextTower.prefill`; `keep_behind=False` reads the prompt in one pass, for modes that never read
-        the context one token behind)."""
-        return self.context_tower.prefill(input_ids, attention_mask, keep_behind=keep_behind)
+    def new_decode_state(
+        self, batch_size: int, max_length: int, block_size: int | None = None, keep_behind: bool = True, device=None
+    ) -> TwoTowerDecodeState:
+        """An empty decode state for `batch_size` rows and up to `max_length` context tokens, with a block region of
+        `block_size` (default: the config's) for the denoiser, on `device` (default: the context tower's embeddings')."""
+        device = self.context_tower.embeddings.weight.device if device is None else device
+        return TwoTowerDecodeState(self, batch_size, max_length, block_size or self.config.block_size, keep_behind, device)
 
+    def decode_steps(self, compile_config: CompileConfig | None = None) -> DecodeSteps:
+        """The decoding steps generation runs (`decoding_twotower`), eager or compiled with `compile_config`."""
+        return DecodeSteps(self, compile_config)
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        keep_behind: bool = True,
+        max_length: int | None = None,
+        state: TwoTowerDecodeState | None = None,
+    ) -> TwoTowerDecodeState:
+        """Run the context tower over left-padded prompts `(B, T)` into a decode state and return it; its
+        `next_token_logits` `(B, V)` are the prediction after the prompt.
+
+        The state holds up to `max_length` context tokens (default: the prompt plus the generation config's
+        `max_new_tokens`, rounded up to a block), or pass an empty `state`. With `keep_behind` the prompt is read as
+        the release reads it, in two passes (all but the last token, then the last token), so that the state also
+        holds the Mamba states one token behind (Mock-AR reads them); without, in one pass.
+        """
+        mask = check_left_padded(input_ids, attention_mask)
+        check_token_ids(input_ids, self.config.vocab_size)
+        if state is None:
+            block = self.config.block_size
+            room = self.generation_config.max_new_tokens or block
+            max_length = max_length or -(-(input_ids.shape[1] + room) // block) * block
+            state = self.new_decode_state(input_ids.shape[0], max_length, block, keep_behind, input_ids.device)
+        if state.batch_size != input_ids.shape[0] or state.num_written:
+            raise ValueError(f"`state` must be an empty decode state for {input_ids.shape[0]} rows.")
+        if keep_behind and not state.keep_behind:
+            raise ValueError("`keep_behind=True` needs a state built with `keep_behind=True`.")
+        state.check_room(input_ids.shape[1], "A prompt")
+        if keep_behind and input_ids.shape[1] > 1:
+            self._prefill_pass(state, input_ids[:, :-1], mask[:, :-1], False)
+        self._prefill_pass(state, input_ids[:, -1:] if keep_behind else input_ids,
+                           mask[:, -1:] if keep_behind else mask, keep_behind)  # fmt: skip
+        return state
+
+    def _prefill_pass(self, state, input_ids, mask, keep_behind):
+        state.next_token_logits = context_step(self, state, input_ids, None if bool(mask.all()) else mask, keep_behind)
+        state.num_written += input_ids.shape[1]
+        state.behind_ready = keep_behind
+
+    @torch.no_grad()
     def extend_context(
-        self, cache: TwoTowerCache, token_ids: torch.LongTensor, keep_behind: bool = True
-    ) -> TwoTowerCache:
-        """Append committed tokens `(B, L)` to the context (the prefix is never recomputed) and return the cache."""
-        return self.context_tower.extend(cache, token_ids, keep_behind=keep_behind)
+        self, state: TwoTowerDecodeState, token_ids: torch.LongTensor, keep_behind: bool = True
+    ) -> TwoTowerDecodeState:
+        """Append committed tokens `(B, L)` to the context (the prefix is never recomputed) and return the state. One
+        token keeps the Mamba states behind it when the state keeps them (unless `keep_behind=False`)."""
+        if token_ids.dim() != 2 or token_ids.shape[0] != state.batch_size or token_ids.shape[1] == 0:
+            raise ValueError(
+                f"`token_ids` must have shape (batch={state.batch_size}, length >= 1), got {tuple(token_ids.shape)}."
+            )
+        check_token_ids(token_ids, self.config.vocab_size, "token_ids")
+        self.decode_steps().extend(state, token_ids, keep_behind and state.keep_behind and token_ids.shape[1] == 1)
+        return state
 
     def denoise_step(
-        self,
-        block_ids: torch.LongTensor,
-        cache: TwoTowerCache,
-        t: torch.Tensor | None,
-        behind: bool = False,
-        rows: torch.LongTensor | None = None,
-        positions: torch.Tensor | None = None,
+        self, block_ids: torch.LongTensor, state: TwoTowerDecodeState, t: torch.Tensor | None, behind: bool = False
     ) -> torch.Tensor:
-        """The denoiser's fp32 logits `(B, L, V)` for noisy blocks `(B, L)` after the cached context.
+        """The denoiser's fp32 logits `(B, L, V)` for noisy blocks `(B, L)` after the state's context.
 
         `t` is `(B,)` (each row's masked fraction) or None for no time conditioning. `behind=True` reads the context
-        one token behind (Mock-AR). `rows` `(B,)`: the cache rows the blocks continue, when they are not all of them
-        in order (the other rows are not computed). `positions` `(B, L)` bool: the head runs only there (the masked
-        positions, in generation), the other logits are 0.
-        """
-        batch_size = cache.attention_mask.shape[0] if cache.attention_mask is not None else None
-        if rows is not None:
-            batch_size = rows.shape[0]
-        if block_ids.dim() != 2 or block_ids.shape[0] != batch_size:
+        one token behind (Mock-AR; the state must keep those states and end on a one-token extension or prefill)."""
+        if block_ids.dim() != 2 or block_ids.shape[0] != state.batch_size:
             raise ValueError(
-                f"`block_ids` must have shape (batch={batch_size}, length), got {tuple(block_ids.shape)}."
+                f"`block_ids` must have shape (batch={state.batch_size}, length), got {tuple(block_ids.shape)}."
             )
+        check_token_ids(block_ids, self.config.vocab_size, "block_ids")
         if t is not None and t.shape != (block_ids.shape[0],):
             raise ValueError(f"`t` must have shape ({block_ids.shape[0]},) or be None, got {tuple(t.shape)}.")
-        context = cache.denoiser_context(block_ids.shape[1], behind=behind, rows=rows)
-        hidden = self.denoiser_tower(block_ids, context, t).last_hidden_state
-        if positions is None:
-            return self.lm_head(hidden).float()
-        positions = positions.to(hidden.device)  # (devices differ under a device map)
-        logits = hidden.new_zeros(*block_ids.shape, self.lm_head.out_features, dtype=torch.float32)
-        logits[positions] = self.lm_head(hidden[positions]).float().to(logits.device)
-        return logits
+        if behind and not state.behind_ready:
+            raise ValueError(
+                "`behind=True` reads the Mamba states one token behind: the state must keep them (`keep_behind=True`) "
+                "and end on a one-token extension or a prefill that kept them."
+            )
+        return self.decode_steps().denoise(state, block_ids, t, behind)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Training: block-wise masked diffusion
@@ -259,6 +300,7 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         with torch.no_grad():
             outputs = self.context_tower(
                 input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states,
+                use_cache=False,
                 **recorded,
             )  # fmt: skip
             hidden = outputs.last_hidden_state
