@@ -23,6 +23,12 @@ its tokens select in each MoE layer, the head, the K/V it attends over and the M
 the memory floor (those bytes over the bandwidth of a large device-to-device copy measured in the same run) and
 time over floor; and the diffusion/AR throughput the step costs imply at 2, 3 and 5 tokens per forward, beside the
 release's 2.42x. Stored under `--label` in `benchmarks/results/step_costs_<device>.json`.
+
+With `--generate`, whole `generate` calls instead (`--new-tokens` tokens after the prompt, greedy, EOS off), per batch
+size and variant (`eager`; `compiled`: `compile=True`, CUDA graphs on CUDA): AR against mask diffusion at a forced 2,
+3 and 5 tokens per forward (a threshold no confidence reaches, so the commit floor `ceil(n / steps_left)` sets the
+rate: 8, 5 and 3 steps per block of 16), each call's tokens/s, diffusion/AR, the tokens per forward the calls
+measured, and what the same variant's step costs predict at that rate. Stored under `<label>_generate`.
 """
 
 import argparse
@@ -254,6 +260,72 @@ def measure(model, batch_sizes, variants, prompt_length: int, repeats: int, band
     return results
 
 
+FORCED_STEPS = {2: 8, 3: 5, 5: 3}  # tokens per forward -> steps per block of 16 (16 / k, rounded)
+
+
+def generate_calls(model, prompt, new_tokens: int, compiled: bool) -> dict:
+    """`generate` calls: AR, and mask diffusion at each forced rate (a threshold above 1 commits the floor only)."""
+    common = dict(max_new_tokens=new_tokens, eos_token_id=None, do_sample=False, return_dict_in_generate=True,
+                  compile=compiled)  # fmt: skip
+    calls = {"ar": lambda: model.generate(prompt, generation_mode="ar", **common)}
+    for k, steps in FORCED_STEPS.items():
+        calls[f"diffusion_{k}"] = lambda steps=steps: model.generate(
+            prompt, generation_mode="mask_diffusion", block_size=BLOCK, steps_per_block=steps,
+            confidence_threshold=1.5, **common,
+        )  # fmt: skip
+    return calls
+
+
+def measure_generate(model, batch_sizes, variants, prompt_length: int, new_tokens: int, repeats: int) -> dict:
+    """Whole `generate` calls, alternated `repeats` times after a warm-up (which compiles); the median per call."""
+    device = str(model.device)
+    results = {}
+    for batch in batch_sizes:
+        prompt = torch.randint(4, model.config.vocab_size, (batch, prompt_length), device=model.device)
+        entry = {}
+        for variant in [v for v in variants if v in ("eager", "compiled")]:  # generate has no hand-captured graph
+            began = time.perf_counter()
+            try:
+                calls = generate_calls(model, prompt, new_tokens, compiled=variant == "compiled")
+                outputs = {name: call() for name, call in calls.items()}  # warm-up (compiles here)
+                setup = time.perf_counter() - began
+                times = {name: [] for name in calls}
+                for _ in range(repeats):
+                    for name, call in calls.items():
+                        times[name].append(timed(call, device, repeats=1, calls=1) / 1e3)
+            except Exception as error:  # one variant failing leaves the others' figures
+                entry.setdefault("errors", {})[variant] = f"{type(error).__name__}: {error}"[:2000]
+                continue
+            seconds = {name: statistics.median(values) for name, values in times.items()}
+            tokens_per_second = {name: batch * new_tokens / value for name, value in seconds.items()}
+            entry[variant] = {
+                "setup_seconds": round(setup, 1),
+                "tokens_per_second": {name: round(value, 1) for name, value in tokens_per_second.items()},
+                "diffusion_over_ar": {
+                    name: round(value / tokens_per_second["ar"], 2)
+                    for name, value in tokens_per_second.items()
+                    if name != "ar"
+                },  # fmt: skip
+                "tokens_per_forward": {
+                    name: round(float(out.tokens_per_forward.float().mean()), 2)
+                    for name, out in outputs.items()
+                    if name != "ar"
+                },  # fmt: skip
+            }
+        results[f"batch_{batch}"] = entry
+    return results
+
+
+def predicted_speedups(step_entry: dict, variant: str, rates: dict) -> dict:
+    """Diffusion/AR that the step costs imply at the measured tokens per forward (see `implied_speedups`)."""
+    key = f"{variant}_ms"
+    if not all(key in step_entry[name] for name in ("ar_step", "denoise_masked", "denoise_half", "extend_block")):
+        return {}
+    denoise = (step_entry["denoise_masked"][key] + step_entry["denoise_half"][key]) / 2
+    ar = BLOCK * step_entry["ar_step"][key]
+    return {name: round(ar / (BLOCK / k * denoise + step_entry["extend_block"][key]), 2) for name, k in rates.items()}
+
+
 def implied_speedups(entry: dict, variants) -> dict:
     """Diffusion over AR throughput at k tokens per forward: a block of 16 costs 16 AR steps, or 16 / k denoiser
     steps (the mean of the all-masked and half-filled ones) and one extension."""
@@ -335,6 +407,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--label", help="default: synthetic_<scale>_<layers>_layers")
+    parser.add_argument("--generate", action="store_true", help="time whole generate calls (see above)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="with --generate: tokens per call")
     parser.add_argument("--no-store", action="store_true", help="print only")
     args = parser.parse_args(argv)
     if not 1 <= args.layers <= len(RELEASE_PATTERN):
@@ -352,6 +426,16 @@ def main(argv=None) -> int:
     bandwidth = copy_bandwidth(args.device, 4096 if on_cuda else 256)
     with torch.no_grad():
         batches = measure(model, args.batch_sizes, variants, args.prompt_length, args.repeats, bandwidth)
+    if args.generate:
+        generated = measure_generate(
+            model, args.batch_sizes, variants, args.prompt_length, args.new_tokens, args.repeats
+        )
+        for batch, entry in generated.items():
+            for variant in variants:
+                if variant in entry:
+                    entry[variant]["predicted_by_step_costs"] = predicted_speedups(
+                        batches[batch], variant, entry[variant]["tokens_per_forward"]
+                    )
     result = {
         "model": f"synthetic {args.scale}: {args.layers} layers, {args.experts} experts, {parameters / 1e9:.2f}B "
         f"parameters, {str(dtype).removeprefix('torch.')}",
@@ -366,10 +450,34 @@ def main(argv=None) -> int:
         "seconds": round(time.perf_counter() - began, 1),
     }
     print_table(result, variants)
+    label = args.label or f"synthetic_{args.scale}_{args.layers}_layers"
+    if args.generate:
+        generate_result = {**{k: v for k, v in result.items() if k != "batches"}, "new_tokens": args.new_tokens,
+                           "batches": generated}  # fmt: skip
+        print_generate_table(generate_result)
+        if not args.no_store:
+            print(f"wrote {store(generate_result, args.device, label + '_generate')}")
     if not args.no_store:
-        label = args.label or f"synthetic_{args.scale}_{args.layers}_layers"
         print(f"wrote {store(result, args.device, label)}")
     return 0
+
+
+def print_generate_table(result: dict):
+    print(f"\nwhole generate calls, {result['new_tokens']} new tokens after {result['prompt_tokens']}:")
+    for batch, entry in result["batches"].items():
+        for variant, row in entry.items():
+            if variant == "errors":
+                for name, error in row.items():
+                    print(f"  {batch} {name} failed: {error.splitlines()[0][:200]}")
+                continue
+            speeds = ", ".join(f"{name} {value} tok/s" for name, value in row["tokens_per_second"].items())
+            print(f"  {batch} {variant}: {speeds}")
+            for name, ratio in row["diffusion_over_ar"].items():
+                predicted = row.get("predicted_by_step_costs", {}).get(name, "-")
+                print(
+                    f"    {name}: {ratio}x AR at {row['tokens_per_forward'][name]} tokens/forward "
+                    f"(step costs predict {predicted}x)"
+                )
 
 
 if __name__ == "__main__":

@@ -73,16 +73,17 @@ part fixture_fp32 90 "${IEEE[@]}" "${PYTEST[@]}" modeling_tests/test_gpu.py -k "
 part bf16 60 "${PYTEST[@]}" modeling_tests/test_bf16.py -k cuda
 part kernels_ieee 70 "${IEEE[@]}" TWOTOWER_KERNELS=cuda "${PYTEST[@]}" -p interpreted_kernels \
   modeling_tests/test_kernels_interpreted.py -k "seeded_scan or initial_states or logits_match_the_release"
-# 2. generate(compile=True) with its CUDA defaults gives the eager tokens (the fixture; inductor, reduce-overhead).
-part compiled_generate 100 "${IEEE[@]}" "${PYTEST[@]}" modeling_tests/test_gpu.py -k compiled
-# 3. Step costs at the release's widths, bf16, batch 1, each step eager, as one CUDA graph and compiled (inductor,
-#    fullgraph, reduce-overhead). 8 layers, so that inductor compiles within the part (26 took over 150 s); the
-#    26-layer eager and CUDA-graph figures are in step_costs_cuda.json from an earlier check.
-part steps_8_layers 150 python3 benchmarks/bench_steps.py --device cuda --layers 8 --batch-sizes 1 \
-  --variants eager cuda_graph compiled --repeats 5 --label synthetic_real_8_layers
+# 2. generate(compile=True) with its CUDA defaults gives the eager tokens (the fixture in bf16, the default experts;
+#    inductor, reduce-overhead).
+part compiled_generate 100 "${PYTEST[@]}" modeling_tests/test_gpu.py -k compiled
+# 3. Step costs at the release's widths, bf16, 26 layers, batch 1 and 8: each step eager, as one CUDA graph and
+#    compiled (inductor, fullgraph, reduce-overhead; one block of each kind compiled, then reused), then whole
+#    generate calls: AR against mask diffusion at a forced 2, 3 and 5 tokens per forward.
+part steps_26_layers 200 python3 benchmarks/bench_steps.py --device cuda --layers 26 --batch-sizes 1 8 \
+  --variants eager cuda_graph compiled --repeats 5 --generate --new-tokens 64 --label synthetic_real_26_layers
 
 cp benchmarks/results/step_costs_cuda.json "$OUT/" 2>/dev/null
-grep -h -A 40 "^synthetic" "$OUT/logs/steps_8_layers.log" > "$OUT/steps_table.txt" 2>/dev/null
+grep -h -A 60 "^synthetic" "$OUT/logs/steps_26_layers.log" > "$OUT/steps_table.txt" 2>/dev/null
 echo
 cat "$OUT/steps_table.txt"
 echo

@@ -24,8 +24,8 @@ prompt = torch.tensor([[1, 37, 412, 95, 260, 18, 333, 71, 129, 455, 204, 88]])
 block_size, threshold = 4, 0.8
 
 with torch.no_grad():
-    cache = model.prefill(prompt)  # context tower over the prompt: K/V and Mamba states per layer
-    print(f"context tower's next token (AR): {cache.next_token_logits.argmax(-1).item()}")
+    state = model.prefill(prompt)  # context tower over the prompt: K/V and Mamba states per layer
+    print(f"context tower's next token (AR): {state.next_token_logits.argmax(-1).item()}")
 
     block = torch.full((1, block_size), config.mask_token_id)
     for step in range(block_size):
@@ -33,11 +33,11 @@ with torch.no_grad():
         if not masked.any():
             break
         t = masked.float().mean(-1)  # the fraction still masked
-        logits = model.denoise_step(block, cache, t)  # (1, block_size, vocab)
+        logits = model.denoise_step(block, state, t)  # (1, block_size, vocab)
         prediction, confidence, _ = predict_tokens(logits, config.mask_token_id)
         commit = commit_mask(confidence, masked, step, block_size, threshold)
         block = torch.where(commit, prediction, block)
         print(f"step {step}: t={t.item():.2f} block={block[0].tolist()}")
 
-    model.extend_context(cache, block)  # the context tower reads the committed block once
-    print(f"context now holds {cache.num_context_tokens} tokens")
+    model.extend_context(state, block)  # the context tower reads the committed block once
+    print(f"context now holds {state.num_written} tokens")

@@ -98,6 +98,30 @@ def test_bench_synthetic_small(capsys, monkeypatch):
     assert ar["floor_ms"] == round(ar["bytes"] / 1e9 * 1e3, 4) and ar["eager_ms"] > 0
 
 
+def test_bench_synthetic_generate_small(capsys, monkeypatch):
+    """The end-to-end benchmark's path at a small width on the CPU: whole generate calls, AR against mask diffusion at
+    forced rates. A threshold no confidence reaches leaves the commit floor: 16 tokens in 8, 5 and 3 steps."""
+    assert main(["bench", "--synthetic", "--generate", "--scale", "small", "--layers", "6", "--experts", "8",
+                 "--batch-sizes", "1", "2", "--device", "cpu", "--prompt-length", "16", "--new-tokens", "32",
+                 "--repeats", "1", "--variants", "eager", "--no-store"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "whole generate calls, 32 new tokens after 16" in out and "batch_2 eager: ar" in out
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_steps
+
+    model = bench_steps.synthetic_model(6, 8, "small", "cpu", torch.float32)
+    result = bench_steps.measure_generate(model, [2], ["eager"], prompt_length=16, new_tokens=32, repeats=1)
+    row = result["batch_2"]["eager"]
+    assert row["tokens_per_forward"] == {"diffusion_2": 2.0, "diffusion_3": 3.2, "diffusion_5": 5.33}
+    assert set(row["diffusion_over_ar"]) == {"diffusion_2", "diffusion_3", "diffusion_5"}
+    assert all(value > 0 for value in row["tokens_per_second"].values())
+    steps = {"ar_step": {"eager_ms": 1.0}, "denoise_masked": {"eager_ms": 2.0}, "denoise_half": {"eager_ms": 2.0},
+             "extend_block": {"eager_ms": 4.0}}  # fmt: skip
+    # 16 AR steps (16 ms) against 16 / k denoiser steps of 2 ms and one 4 ms extension.
+    assert bench_steps.predicted_speedups(steps, "eager", {"k2": 2.0, "k4": 4.0}) == {"k2": 0.8, "k4": 1.33}
+
+
 @pytest.mark.slow
 def test_demo_model_runs_from_the_module_entry_point():
     """The demo holds weights, configs and a tokenizer only; it loads through the package, not as remote code. As a

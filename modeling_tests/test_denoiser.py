@@ -80,7 +80,9 @@ def test_the_denoiser_tower_is_callable_on_a_block_and_a_context(model):
     training_view = model.context_tower.training_context(clean, torch.ones_like(clean), block_size=4)
     noisy = torch.cat([clean[:, :4], block], dim=1).view(4, 4)  # (B * nb, S), one row per block
     hidden = model.denoiser_tower(noisy, training_view, t.repeat_interleave(2)).last_hidden_state.view(2, 8, -1)
-    inference = model.denoiser_tower(block, denoiser_context(model.prefill(clean[:, :4]), 4, False), t).last_hidden_state
+    inference = model.denoiser_tower(
+        block, denoiser_context(model.prefill(clean[:, :4]), 4, False), t
+    ).last_hidden_state
     torch.testing.assert_close(hidden[:, 4:], inference, rtol=1e-4, atol=1e-5)
 
 

@@ -12,7 +12,7 @@ from transformers import (
 )
 
 from transformers_twotower import TwoTowerGenerationConfig
-from transformers_twotower.decoding_twotower import DecodeSteps, Decoder
+from transformers_twotower.decoding_twotower import Decoder, DecodeSteps
 from transformers_twotower.defaults_twotower import GENERATION_MODES
 from transformers_twotower.layout_twotower import context_tower_as_nemotron_h
 

@@ -61,14 +61,14 @@ def test_release_fixture_on_gpu_fp32(expected_tensors):
 @needs_cuda
 @pytest.mark.parametrize("mode", ["mask_diffusion", "ar"])
 def test_compiled_generation_on_gpu_gives_the_eager_tokens(mode):
-    """`compile=True` with its CUDA defaults: the static decode state's steps through inductor with CUDA graphs
-    (`reduce-overhead`, fullgraph); the release fixture, fp32."""
-    model = load_release().cuda()
-    # Compiled, transformers' grouped_mm experts take a fallback with a host sync unless the weights are bf16, and
-    # a CUDA graph cannot hold a host sync: fp32 experts are computed by batched_mm instead.
-    model.set_experts_implementation("batched_mm")
-    ids = torch.tensor([EXPECTED["prompts"]["main"]]).cuda()
+    """`compile=True` exactly as a user calls it: its CUDA defaults (inductor, `reduce-overhead` CUDA graphs,
+    fullgraph) on the default experts implementation, in bf16 (transformers' `grouped_mm` experts take a host-synced
+    fallback in fp32, which no CUDA graph holds); the release fixture, greedy, a batch of two with left padding."""
+    model = load_release(torch.bfloat16).cuda()
+    main = EXPECTED["prompts"]["main"]
+    ids = torch.tensor([main, [0] * 4 + main[4:]]).cuda()
+    mask = (torch.arange(ids.shape[1], device="cuda") >= torch.tensor([[0], [4]], device="cuda")).long()
     options = dict(generation_mode=mode, max_new_tokens=48, block_size=16, eos_token_id=None)
-    eager = model.generate(ids, **options)
+    eager = model.generate(ids, attention_mask=mask, **options)
     for _ in range(2):  # the second run replays what the first compiled
-        assert torch.equal(model.generate(ids, compile=True, **options), eager)
+        assert torch.equal(model.generate(ids, attention_mask=mask, compile=True, **options), eager)

@@ -87,7 +87,12 @@ class MockState:
     """A decode state that only knows its rows."""
 
     def __init__(self, batch_size, max_length, block_size, keep_behind, device):
-        self.batch_size, self.max_length, self.block_size, self.keep_behind = batch_size, max_length, block_size, keep_behind
+        self.batch_size, self.max_length, self.block_size, self.keep_behind = (
+            batch_size,
+            max_length,
+            block_size,
+            keep_behind,
+        )
         self.device, self.next_token_logits = torch.device(device), None
 
     def copy_rows_from(self, other, rows):

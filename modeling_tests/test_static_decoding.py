@@ -40,8 +40,12 @@ def test_compiled_fullgraph_gives_the_eager_tokens_and_never_recompiles(model, m
     assert eager.sequences.shape[1] > ids.shape[1] and (eager.sequences[1, ids.shape[1] :] == eos).any()
     sizes = set()
     denoise, extend = DecodeSteps.denoise, DecodeSteps.extend
-    monkeypatch.setattr(DecodeSteps, "denoise", lambda self, state, *a: sizes.add(state.batch_size) or denoise(self, state, *a))
-    monkeypatch.setattr(DecodeSteps, "extend", lambda self, state, *a: sizes.add(state.batch_size) or extend(self, state, *a))
+    monkeypatch.setattr(
+        DecodeSteps, "denoise", lambda self, state, *a: sizes.add(state.batch_size) or denoise(self, state, *a)
+    )
+    monkeypatch.setattr(
+        DecodeSteps, "extend", lambda self, state, *a: sizes.add(state.batch_size) or extend(self, state, *a)
+    )
     torch._dynamo.reset()
     before = graphs_compiled()
     compiled = model.generate(ids, attention_mask=mask, eos_token_id=eos, compile=True, compile_config=TRACE_ONLY,

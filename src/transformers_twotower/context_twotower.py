@@ -164,7 +164,12 @@ class TwoTowerDecodeState:
     """
 
     def __init__(self, model, batch_size: int, max_length: int, block_size: int, keep_behind: bool, device):
-        self.batch_size, self.max_length, self.block_size, self.keep_behind = batch_size, max_length, block_size, keep_behind
+        self.batch_size, self.max_length, self.block_size, self.keep_behind = (
+            batch_size,
+            max_length,
+            block_size,
+            keep_behind,
+        )
         self.keys, self.values, self.conv, self.ssm, self.conv_behind, self.ssm_behind = {}, {}, {}, {}, {}, {}
         width = max_length + block_size
         for layer in model.context_tower.layers:
@@ -177,12 +182,17 @@ class TwoTowerDecodeState:
                 self.values[i] = torch.zeros(shape, dtype=weight.dtype, device=where)
             elif layer.block_type == "linear_attention":
                 dtype = mixer.in_proj.weight.dtype
-                self.conv[i] = torch.zeros(batch_size, mixer.conv_dim, mixer.conv_kernel_size, dtype=dtype, device=where)
+                self.conv[i] = torch.zeros(
+                    batch_size, mixer.conv_dim, mixer.conv_kernel_size, dtype=dtype, device=where
+                )
                 self.ssm[i] = torch.zeros(
                     batch_size, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, device=where
                 )
                 if keep_behind:
-                    self.conv_behind[i], self.ssm_behind[i] = torch.zeros_like(self.conv[i]), torch.zeros_like(self.ssm[i])
+                    self.conv_behind[i], self.ssm_behind[i] = (
+                        torch.zeros_like(self.conv[i]),
+                        torch.zeros_like(self.ssm[i]),
+                    )
         self.key_real = torch.zeros(batch_size, width, dtype=torch.bool, device=device)
         self.length = torch.zeros((), dtype=torch.long, device=device)
         self.num_written, self.behind_ready = 0, False

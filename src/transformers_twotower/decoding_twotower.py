@@ -12,7 +12,9 @@
 Eager and compiled decoding run these same functions; prefill is `context_step` on an empty state, uncompiled.
 """
 
+import functools
 import threading
+import types
 
 import torch
 from transformers import CompileConfig
@@ -86,6 +88,26 @@ def denoise_step(
     return model.lm_head(hidden).float()
 
 
+# Graphs one compiled step may hold: one per batch size the state takes (a power of two when rows finish) and token
+# count (an AR token, a block), for one model. Dynamo's default (8) would fall back to eager past it.
+GRAPHS_PER_STEP = 64
+
+
+def compiled_for_one_model(function, options: dict):
+    """`torch.compile(function)` on a copy with a code object of its own: dynamo caches graphs per code object, so each
+    model's steps count only their own graphs against the recompile limit (`GRAPHS_PER_STEP`, raised for the call)."""
+    code = function.__code__.replace()  # a new code object: a cache of its own
+    copy = types.FunctionType(code, function.__globals__, function.__name__, function.__defaults__)
+    step = torch.compile(copy, **options)
+
+    @functools.wraps(function)
+    def call(*args):
+        with torch._dynamo.config.patch(recompile_limit=GRAPHS_PER_STEP):
+            return step(*args)
+
+    return call
+
+
 class DecodeSteps:
     """The two decoding steps, as plain functions (eager) or compiled with `fullgraph=True`. Compiled functions are
     kept on the model per compile config, so that later calls with the same shapes replay what was compiled."""
@@ -98,7 +120,8 @@ class DecodeSteps:
             key = repr(sorted(compile_config.to_dict().items()))
             if key not in functions:
                 options = {**compile_config.to_dict(), "fullgraph": True}
-                functions[key] = (torch.compile(context_step, **options), torch.compile(denoise_step, **options))
+                functions[key] = (compiled_for_one_model(context_step, options),
+                                  compiled_for_one_model(denoise_step, options))  # fmt: skip
             self.context_function, self.denoise_function = functions[key]
 
     def extend(self, state: TwoTowerDecodeState, token_ids: torch.LongTensor, keep_behind: bool = False):
@@ -157,7 +180,10 @@ class Decoder:
         self.steps = model.decode_steps(compile_config)
         self.pool, self.lock = None, None
         if self.steps.compiled:
-            self.pool, self.lock = StatePool.of(model), model.__dict__.setdefault("_compiled_decoding", threading.Lock())
+            self.pool, self.lock = (
+                StatePool.of(model),
+                model.__dict__.setdefault("_compiled_decoding", threading.Lock()),
+            )
             if not self.lock.acquire(blocking=False):
                 raise RuntimeError(
                     "Another `generate(compile=True)` is running on this model: its compiled steps (and their CUDA "

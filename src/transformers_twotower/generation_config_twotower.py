@@ -97,8 +97,9 @@ class DiffusionStep(ModelOutput):
 
     block: index of the block; step: index of the step in the block; tokens: `(B, S)` the block before the step;
     t: `(B,)` each row's masked fraction; logits: `(B, S, V)` the denoiser's logits at every position (None in the
-    history; 0 for rows with nothing masked, which the denoiser does not compute); committed: `(B, S)` bool, the
-    positions that took their prediction at this step.
+    history; 0 for rows that finished in an earlier block and left the decode state; a row whose block is full but
+    still in the state is computed, and nothing reads its logits); committed: `(B, S)` bool, the positions that took
+    their prediction at this step.
     """
 
     block: int | None = None

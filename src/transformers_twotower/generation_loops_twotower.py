@@ -49,7 +49,9 @@ def make_decoder(model, input_ids, attention_mask, config, keep_behind: bool) ->
     compile_config = None
     if config.compile:
         device = input_ids.device.type
-        compile_config = config.compile_config or CompileConfig(mode="reduce-overhead" if device == "cuda" else "default")
+        compile_config = config.compile_config or CompileConfig(
+            mode="reduce-overhead" if device == "cuda" else "default"
+        )
     return Decoder(model, input_ids, attention_mask, max_length, block_size, keep_behind, compile_config)
 
 

@@ -159,7 +159,9 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         """An empty decode state for `batch_size` rows and up to `max_length` context tokens, with a block region of
         `block_size` (default: the config's) for the denoiser, on `device` (default: the context tower's embeddings')."""
         device = self.context_tower.embeddings.weight.device if device is None else device
-        return TwoTowerDecodeState(self, batch_size, max_length, block_size or self.config.block_size, keep_behind, device)
+        return TwoTowerDecodeState(
+            self, batch_size, max_length, block_size or self.config.block_size, keep_behind, device
+        )
 
     def decode_steps(self, compile_config: CompileConfig | None = None) -> DecodeSteps:
         """The decoding steps generation runs (`decoding_twotower`), eager or compiled with `compile_config`."""
