@@ -79,20 +79,18 @@ def held_out_windows(tokenizer, modules: list[str], count: int) -> tuple[torch.T
 
 @contextmanager
 def counting_context_tokens(model):
-    """Count the tokens the context tower processes (rows times columns: a row dropped from the cache costs none)."""
+    """Count the tokens the context tower processes (rows times columns: a row that left the decode state costs
+    none), by a hook on its forward."""
     counter = {"tokens": 0}
-    tower = model.context_tower
-    original = tower._append
 
-    def append(cache, token_ids, *args, **kwargs):
-        counter["tokens"] += token_ids.numel()
-        return original(cache, token_ids, *args, **kwargs)
+    def count(module, args, kwargs):
+        counter["tokens"] += kwargs["input_ids"].numel()
 
-    tower._append = append
+    hook = model.context_tower.register_forward_pre_hook(count, with_kwargs=True)
     try:
         yield counter
     finally:
-        del tower._append
+        hook.remove()
 
 
 @dataclass

@@ -150,6 +150,13 @@ def test_a_concurrent_compiled_call_is_refused_clearly(model):
     assert errors and "Another `generate(compile=True)` is running on this model" in errors[0]
     assert torch.equal(model.generate(ids, **options), expected)
 
+    def fail(step):
+        raise KeyboardInterrupt  # a user's interrupt in the middle of a compiled call
+
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(ids, step_callback=fail, **options)
+    assert torch.equal(model.generate(ids, **options), expected), "an interrupted call left the model locked"
+
 
 class HostReads(TorchDispatchMode):
     """Counts the operations that make the host wait for the device: reading a value (`item`, `bool`, `int`),
@@ -175,7 +182,7 @@ class HostReads(TorchDispatchMode):
 def test_at_most_one_host_read_per_step(model, mode, monkeypatch):
     """After the prompt is read: mask diffusion reads the host once per denoiser step (is anything still masked?),
     plus once when a block fills before its last step and once at each block's end (which rows finished?); the AR
-    modes once per token. Greedy, a batch of two with an EOS set (rows may finish), no stop strings."""
+    modes once per token. Greedy, a batch of two whose first row ends early (it leaves the state), no stop strings."""
     reads = HostReads()
     tolist = torch.Tensor.tolist
     monkeypatch.setattr(
@@ -192,12 +199,16 @@ def test_at_most_one_host_read_per_step(model, mode, monkeypatch):
     monkeypatch.setattr(
         DecodeSteps, "denoise", lambda *a, **k: calls.__setitem__("denoise", calls["denoise"] + 1) or denoise(*a, **k)
     )
-    ids, mask = left_pad(clean_rows(model, [4, 7], seed=1))
+    ids, mask = left_pad(clean_rows(model, [4, 7], seed=4))  # a seed where row 0 can end before row 1 in every mode
+    options = dict(generation_mode=mode, max_new_tokens=12, return_dict_in_generate=True, **DIFFUSION)
+    free = model.generate(ids, attention_mask=mask, eos_token_id=None, **options).sequences[:, ids.shape[1] :]
+    eos = next(token for token in free[0, :4].tolist() if token not in free[1, :8].tolist())  # row 0 ends first
+    calls["denoise"], reads.count = 0, 0
     with reads:
-        out = model.generate(ids, attention_mask=mask, generation_mode=mode, max_new_tokens=12, eos_token_id=2,
-                             return_dict_in_generate=True, **DIFFUSION)  # fmt: skip
+        out = model.generate(ids, attention_mask=mask, eos_token_id=eos, **options)
     reads.on = False
     generated = out.sequences.shape[1] - ids.shape[1]
+    assert out.num_generated[0] <= 4 < out.num_generated[1]  # row 0 left the state after its first block
     if mode == "mask_diffusion":
         blocks = -(-generated // 4)
         assert calls["denoise"] <= reads.count <= calls["denoise"] + 2 * blocks

@@ -30,12 +30,14 @@ def test_time_conditioning_changes_the_output(model):
 
 
 def test_left_padded_batch_gives_each_row_its_own_result(model):
-    rows = [clean_ids(model, 1, n, seed=n)[0].tolist() for n in (3, 8, 5)]
+    """Prefill, a denoiser step, Mock-AR's step behind and an extension: each row of a left-padded batch gets what it
+    gets alone, a one-token prompt included (its context behind is empty: padding keys must stay invisible)."""
+    rows = [clean_ids(model, 1, n, seed=n)[0].tolist() for n in (3, 8, 1, 5)]
     ids, mask = left_pad(rows)
     batch_cache = model.prefill(ids, attention_mask=mask)
-    blocks = torch.tensor([[3, 3, 3, 3], [3, 21, 3, 9], [30, 3, 3, 3]])
+    blocks = torch.tensor([[3, 3, 3, 3], [3, 21, 3, 9], [3, 3, 17, 3], [30, 3, 3, 3]])
     t = (blocks == 3).float().mean(-1)
-    commit = clean_ids(model, 3, 4, seed=9)
+    commit = clean_ids(model, 4, 4, seed=9)
 
     batch_step = model.denoise_step(blocks, batch_cache, t)
     batch_behind = model.denoise_step(ids[:, -1:], batch_cache, None, behind=True)
@@ -106,5 +108,8 @@ def test_block_keys_are_written_at_the_block_region_and_gradients_flow(model):
             assert torch.equal(buffer[:, :, : state.max_length], context_keys[i]), "the context was written"
         with torch.enable_grad():
             trained = model.denoise_step(block, state, t)
-        assert trained.requires_grad
+            trained.sum().backward()  # the state's buffers took no part in the graph: they were not written
+        assert all(p.grad is not None for p in model.denoiser_tower.embeddings.parameters())
         torch.testing.assert_close(trained.detach(), logits, rtol=1e-5, atol=1e-5)
+        assert not any(buffer.requires_grad for buffer in state.keys.values())
+    model.zero_grad(set_to_none=True)

@@ -73,24 +73,39 @@ def test_finished_rows_stop_costing_forwards(model):
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
-def test_finished_rows_leave_the_state_and_change_nothing(model, monkeypatch, sampled, compiled):
-    """Finished rows leave the decode state at block boundaries (both towers stop computing for them; compiled, the
-    state shrinks to a power of two of the live rows): the tokens, NFE and sampling stream are those of the path that
-    keeps every row."""
+@pytest.mark.parametrize(
+    "mode, sampled",
+    [("mask_diffusion", False), ("mask_diffusion", True), ("ar", False), ("mock_ar", True)],
+    ids=["diffusion-greedy", "diffusion-sampled", "ar-greedy", "mock_ar-sampled"],
+)
+def test_finished_rows_leave_the_state_and_change_nothing(model, monkeypatch, mode, sampled, compiled):
+    """Finished rows leave the decode state at block boundaries (every token in the AR modes; both towers stop
+    computing for them; compiled, the state shrinks to a power of two of the live rows, finished rows filling the
+    rest): the tokens, NFE, scores and sampling stream are those of the path that keeps every row."""
     rows = clean_rows(model, [3, 9, 5, 7, 4, 8, 6, 2], seed=4)
     ids, mask = left_pad(rows)
-    kwargs = dict(generation_mode="mask_diffusion", max_new_tokens=24, pad_token_id=0, **DIFFUSION)
+    kwargs = dict(generation_mode=mode, max_new_tokens=24, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True, **DIFFUSION)  # fmt: skip
     if sampled:
         kwargs.update(do_sample=True, temperature=0.9, top_k=20)
     if compiled:
         kwargs.update(compile=True, compile_config=CompileConfig(backend="eager", mode=None, fullgraph=True))
-    free = model.generate(ids, attention_mask=mask, eos_token_id=None, **kwargs)[:, ids.shape[1] :]
+    seeded = lambda: torch.Generator().manual_seed(1)  # noqa: E731  (every run draws the same stream)
+    free = model.generate(ids, attention_mask=mask, eos_token_id=None, generator=seeded(), **kwargs)
+    free = free.sequences[:, ids.shape[1] :]
     # EOS: a token of row 0's second block that the fewest other rows produce, so some rows finish and some don't.
     eos = min(free[0, 4:8].tolist(), key=lambda token: int((free == token).any(-1).sum()))
     kwargs["eos_token_id"] = eos
 
     computed = {"denoiser": [], "context": []}
+    fillers = []
+    keep_rows = Decoder.keep_rows
+
+    def keep_and_count(self, finished):
+        keep_rows(self, finished)
+        fillers.append(sum(finished[row] for row in self.held))
+
+    monkeypatch.setattr(Decoder, "keep_rows", keep_and_count)
     extend, denoise = DecodeSteps.extend, DecodeSteps.denoise
     monkeypatch.setattr(DecodeSteps, "extend", lambda self, state, ids, *a: computed["context"].append(ids.shape[0])
                         or extend(self, state, ids, *a))  # fmt: skip
@@ -103,18 +118,25 @@ def test_finished_rows_leave_the_state_and_change_nothing(model, monkeypatch, sa
                 patch.setattr(Decoder, "keep_rows", lambda self, finished: None)
             computed.update(denoiser=[], context=[])
             out = model.generate(
-                ids, attention_mask=mask, return_dict_in_generate=True, generator=torch.Generator().manual_seed(1),
-                **kwargs,
+                ids, attention_mask=mask, generator=seeded(), **kwargs,
             )  # fmt: skip
         runs[leave] = (out, {k: list(v) for k, v in computed.items()})
     (kept, kept_rows), (left, left_rows) = runs[False], runs[True]
     assert torch.equal(left.sequences, kept.sequences) and torch.equal(left.nfe, kept.nfe)
+    for k, (a, b) in enumerate(zip(left.logits, kept.logits)):  # the rows still generating at position k
+        live = left.num_generated > k  # (a finished row's logits are never read; rows not held get 0)
+        torch.testing.assert_close(a[live], b[live], rtol=1e-5, atol=1e-5)  # (batch sizes may sum otherwise)
     finished_early = (left.sequences[:, ids.shape[1] :] == eos).any(-1)
     assert finished_early[0] and not finished_early.all()
-    assert set(kept_rows["denoiser"]) == {8} and sum(left_rows["denoiser"]) < sum(kept_rows["denoiser"])
-    assert sum(left_rows["context"]) < sum(kept_rows["context"])
-    if compiled:
-        assert set(left_rows["denoiser"]) <= {1, 2, 4, 8}, "compiled batch sizes are powers of two"
+    # Compiled, the state shrinks only when the live rows fit a smaller power of two (here in mask diffusion).
+    assert set(kept_rows["context"]) == {8} and set(kept_rows["denoiser"]) <= {8}  # (AR runs no denoiser)
+    if not compiled or mode == "mask_diffusion":
+        assert sum(left_rows["context"]) < sum(kept_rows["context"])
+        assert mode == "ar" or sum(left_rows["denoiser"]) < sum(kept_rows["denoiser"])
+    if compiled and mode == "mask_diffusion":
+        sizes = set(left_rows["context"]) | set(left_rows["denoiser"])
+        assert sizes <= {1, 2, 4, 8}, "compiled batch sizes are powers of two"
+        assert any(fillers), "no state held a finished row as filler: the bucketing went untested"
 
 
 @pytest.mark.parametrize("mode", GENERATION_MODES)

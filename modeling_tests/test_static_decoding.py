@@ -1,5 +1,8 @@
 """Decoding: the decode state, its two steps eager and compiled, their compiled graphs, and what the state refuses."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch._dynamo
@@ -65,17 +68,24 @@ def test_compiled_fullgraph_gives_the_eager_tokens_and_never_recompiles(model, m
 
 def test_compiled_calls_reuse_their_state_and_never_share_it(model):
     """A compiled call takes a state from the model's pool and gives it back (the next call with the same shapes
-    replays on the same addresses); a state taken out is never handed to another call."""
+    replays on the same addresses, emptied: a prompt with other padding gets the eager tokens); a state taken out is
+    never handed to another call. The model still copies and pickles (the pool lives beside it)."""
     ids, mask = ragged_batch(model)
     options = dict(max_new_tokens=8, eos_token_id=None, compile=True, compile_config=TRACE_ONLY, **DIFFUSION)
-    model.__dict__.pop("_decode_state_pool", None)
-    model.generate(ids, attention_mask=mask, **options)
     pool = StatePool.of(model)
-    (kept,) = [state for state in pool.free if state.batch_size == 3]
-    taken = pool.take(model, *kept.shape_key[:4], ids.device)
-    assert taken is kept and kept not in pool.free
-    assert pool.take(model, *kept.shape_key[:4], ids.device) is not kept, "a state was handed out twice"
+    pool.clear()
+    model.generate(ids, attention_mask=mask, **options)
+    (kept,) = pool.free
+    other_ids, other_mask = left_pad(clean_rows(model, (9, 4, 2), seed=5))  # the same width, other padding
+    eager = model.generate(other_ids, attention_mask=other_mask, **{**options, "compile": False})
+    assert torch.equal(model.generate(other_ids, attention_mask=other_mask, **options), eager)
+    assert pool.free == [kept], "the second call did not reuse the state"
+    taken = pool.take(model, *kept.shape_key[:5])
+    assert taken is kept and not pool.free
+    assert pool.take(model, *kept.shape_key[:5]) is not kept, "a state was handed out twice"
     pool.give_back(taken)
+    copy.deepcopy(model)
+    pickle.dumps(model)
 
 
 @pytest.mark.slow  # inductor's first compile: 10 to 30 s on 2 cores
@@ -86,4 +96,34 @@ def test_inductor_on_cpu_gives_the_eager_tokens():
     options = dict(max_new_tokens=8, eos_token_id=None, **DIFFUSION)
     eager = model.generate(ids, attention_mask=mask, **options)
     assert torch.equal(model.generate(ids, attention_mask=mask, compile=True, **options), eager)
-    assert [key for key in model._compiled_decode_steps if "'backend', 'inductor'" in key], "not inductor"
+    assert [key for key in StatePool.of(model).compiled_steps if "'backend', 'inductor'" in key], "not inductor"
+
+
+@pytest.mark.parametrize("step", ["context", "denoise"])
+def test_each_layer_kind_is_traced_once_whatever_the_depth(step):
+    """Each block's forward is a nested compile region: a compiled step holds one subgraph per layer kind, called once
+    per layer, so a deeper model adds calls, not subgraphs to compile (the compile times at real widths:
+    benchmarks/bench_compile_depth.py). Every kind occurs at least twice here: dynamo inlines a region used once."""
+    captured = {}
+
+    def capture(graph_module, example_inputs):
+        captured["graph"] = graph_module
+        return graph_module.forward
+
+    counts = {}
+    for layers in (8, 16):
+        torch._dynamo.reset()
+        model = tiny_model(hybrid_override_pattern="M*E-" * (layers // 4))
+        ids = torch.tensor(clean_rows(model, [5], seed=1))
+        state = model.prefill(ids, max_length=16)
+        steps = DecodeSteps(model, CompileConfig(backend=capture, mode=None, fullgraph=True))
+        with torch.no_grad():
+            if step == "context":
+                steps.extend(state, ids[:, :4])
+            else:
+                steps.denoise(state, torch.full((1, 4), 3), torch.ones(1))
+        graph = captured.pop("graph")
+        calls = [node for node in graph.graph.nodes if node.target is torch.ops.higher_order.invoke_subgraph]
+        subgraphs = {node.args[0].target for node in calls}
+        counts[layers] = (len(calls), len(subgraphs))
+    assert counts == {8: (8, 4), 16: (16, 4)}

@@ -26,6 +26,7 @@ from transformers.models.nemotron_h.modeling_nemotron_h import (
     apply_mask_to_padding_states,
     causal_conv1d_fn,
     mamba2_chunk_scan,
+    mamba2_selective_state_update,
 )
 
 from .configuration_twotower import TwoTowerConfig
@@ -44,6 +45,8 @@ def package_provides(module: str, name: str) -> bool:
 # the shortcuts below than through the torch fallbacks (docs/architecture.md, "Speed"); with them, the kernels.
 SHORT_BLOCK_CONV = not package_provides("causal_conv1d", "causal_conv1d_fn")
 SHORT_BLOCK_SCAN = not package_provides("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
+# With mamba-ssm, one token (an AR step) takes its recurrent kernel, one launch, rather than the chunked scan.
+ONE_TOKEN_KERNEL = package_provides("mamba_ssm.ops.triton.selective_state_update", "selective_state_update")
 
 
 def short_causal_conv(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, length: int):
@@ -180,6 +183,8 @@ class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
         quadratic form with the state folded in."""
         A, D = self.ssm_decay_rates, self.D.float()
         h0 = ssm_state.to(device=x.device, dtype=torch.float32)
+        if x.shape[1] == 1 and ONE_TOKEN_KERNEL and not torch.compiler.is_compiling():  # TwoTower
+            return self.one_token_step(x, dt, A, B, C, D, h0)
         if x.shape[1] <= self.chunk_size and (SHORT_BLOCK_SCAN or torch.compiler.is_compiling()):  # TwoTower
             return one_chunk_scan(x, dt, A, B, C, D, h0)
         y, zero_start_state = mamba2_chunk_scan(
@@ -191,6 +196,18 @@ class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
         C_heads = C.repeat_interleave(self.num_heads // self.n_groups, dim=2)  # (B, L, heads, N)
         y = y + torch.einsum("blhn,bhpn->blhp", C_heads, h0) * decay[..., None]
         return y, zero_start_state + decay[:, -1, :, None, None] * h0
+
+    def one_token_step(self, x, dt, A, B, C, D, h0) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token from `h0` through transformers' recurrent update (mamba-ssm's `selective_state_update`), given
+        the clamped `dt` (no bias or softplus there: the clamp stays in `scan_inputs`). Returns y (B, 1, heads, hd) and
+        the state after the token."""
+        state = h0.clone()  # updated in place by the kernel
+        per_head = lambda t: t[:, None].expand(-1, self.head_dim)  # noqa: E731  (heads,) -> (heads, hd)
+        y = mamba2_selective_state_update(
+            state, x[:, 0], dt[:, 0, :, None].expand(-1, -1, self.head_dim),
+            per_head(A)[..., None].expand(-1, -1, self.ssm_state_size), B[:, 0], C[:, 0], per_head(D),
+        )  # fmt: skip
+        return y[:, None], state
 
     def gated_output(self, y: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Nemotron-H's gated group norm and output projection: y (B, L, heads, hd) -> (B, L, H)."""

@@ -1,7 +1,7 @@
 """The context tower and the denoiser's view of a context (docs/architecture.md, "The context tower").
 
 The context tower is the frozen autoregressive backbone with its head; its forward is Nemotron-H's. At inference it
-writes a `decoding_twotower.TwoTowerDecodeState` (prefill, committed blocks, AR tokens), in training it reads a whole
+writes a `TwoTowerDecodeState` (prefill, committed blocks, AR tokens; `decoding_twotower.context_step`), in training it reads a whole
 clean sequence in one pass (`training_context`). Either way the denoiser gets a `DenoiserContext`: at inference one
 noisy block per row after the state's context (`decoding_twotower.denoiser_context`), in training every block of the
 sequence, block `b` after the clean context `< b * S` (`denoiser_view`).
@@ -70,7 +70,7 @@ def check_token_ids(token_ids: torch.Tensor, vocab_size: int, name: str = "input
     if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
         raise ValueError(f"`{name}` must hold integer token ids, got dtype {token_ids.dtype}.")
     if token_ids.numel():
-        low, high = int(token_ids.min()), int(token_ids.max())
+        low, high = torch.stack(torch.aminmax(token_ids)).tolist()  # one read on the host
         if low < 0 or high >= vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"`{name}` holds the id {bad}, outside the vocabulary's range [0, {vocab_size}).")
@@ -108,8 +108,8 @@ def denoiser_view(
     block_length: int,
     block_mask: torch.Tensor | None = None,
 ) -> DenoiserContext:
-    """The denoiser's view of a context for `nb = len(context_ends)` noisy blocks per row (one function for inference
-    and training).
+    """The denoiser's view of a training context for `nb = len(context_ends)` noisy blocks per row (inference builds
+    its own from the decode state: `decoding_twotower.denoiser_context`).
 
     keys/values: `{layer: (B, kv_heads, T, hd)}`; conv_history / ssm_states: `{layer: (B * nb, ...)}`, the Mamba
     states each block's scans start from; context_mask `(B, T)`: 1 for real context tokens; context_ends: per block,
@@ -164,12 +164,8 @@ class TwoTowerDecodeState:
     """
 
     def __init__(self, model, batch_size: int, max_length: int, block_size: int, keep_behind: bool, device):
-        self.batch_size, self.max_length, self.block_size, self.keep_behind = (
-            batch_size,
-            max_length,
-            block_size,
-            keep_behind,
-        )
+        self.batch_size, self.max_length, self.block_size = batch_size, max_length, block_size
+        self.keep_behind, self.model_dtype = keep_behind, model.context_tower.dtype
         self.keys, self.values, self.conv, self.ssm, self.conv_behind, self.ssm_behind = {}, {}, {}, {}, {}, {}
         width = max_length + block_size
         for layer in model.context_tower.layers:
@@ -203,7 +199,7 @@ class TwoTowerDecodeState:
     @property
     def shape_key(self) -> tuple:
         """What a compiled step is specialised to; states with the same key are interchangeable (`StatePool`)."""
-        return (self.batch_size, self.max_length, self.block_size, self.keep_behind, self.device)
+        return (self.batch_size, self.max_length, self.block_size, self.keep_behind, self.device, self.model_dtype)
 
     @property
     def device(self) -> torch.device:
@@ -223,6 +219,19 @@ class TwoTowerDecodeState:
             tensor.zero_()
         self.num_written, self.behind_ready, self.next_token_logits = 0, False, None
         return self
+
+    @staticmethod
+    def length_for(prompt_length: int, new_tokens: int, block_size: int) -> int:
+        """The context positions a generation needs: the prompt and the new tokens, rounded up to whole blocks (every
+        block is generated whole, then trimmed)."""
+        return -(-(prompt_length + new_tokens) // block_size) * block_size
+
+    def written(self, length: int, next_token_logits: torch.Tensor, kept_behind: bool) -> torch.Tensor:
+        """Record on the host that `length` tokens were appended (the step already advanced `length`)."""
+        self.num_written += length
+        self.next_token_logits = next_token_logits
+        self.behind_ready = kept_behind and self.keep_behind and length == 1
+        return next_token_logits
 
     def check_room(self, length: int, what: str):
         """Refuse, before anything runs, `length` more context tokens that would not fit."""
@@ -326,7 +335,8 @@ class TwoTowerContextBlock(TwoTowerBlock):
 class TwoTowerContextTower(TwoTowerPreTrainedModel, NemotronHModel):
     """The frozen autoregressive tower: Nemotron-H (`embeddings`, `layers`, `norm_f`) and its head `lm_head`.
 
-    `forward` is Nemotron-H's (hidden states); `prefill`, `extend` and `training_context` write caches and views.
+    `forward` is Nemotron-H's (hidden states), also at inference, over a decode state; `training_context` reads a
+    training sequence into the denoiser's view.
     It always runs without gradient, so it is never gradient-checkpointed.
     """
 

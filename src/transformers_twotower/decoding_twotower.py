@@ -15,6 +15,7 @@ Eager and compiled decoding run these same functions; prefill is `context_step` 
 import functools
 import threading
 import types
+import weakref
 
 import torch
 from transformers import CompileConfig
@@ -26,23 +27,30 @@ def visible_keys(
     key_real: torch.Tensor, query_positions: torch.Tensor, block_length: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """The one attention mask of decoding, additive `(B, 1, L, width)`: a query at context position `p` sees the real
-    context keys `<= p` and itself (a left-padding query sees only itself, so no row is all masked); with
-    `block_length`, queries also see the last `block_length` keys, the denoiser's block.
+    context keys `<= p`. Context queries (no `block_length`) also see themselves, so that a left-padding query is not
+    all masked; the denoiser's queries also see the last `block_length` keys, their block.
 
     key_real (B, width) bool; query_positions (L,) long."""
     key_positions = torch.arange(key_real.shape[1], device=key_real.device)
-    causal = key_positions <= query_positions[:, None]  # (L, width)
-    visible = (key_real[:, None, :] & causal) | (key_positions == query_positions[:, None])
+    visible = key_real[:, None, :] & (key_positions <= query_positions[:, None])  # (B, L, width)
     if block_length:
         visible = visible | (key_positions >= key_real.shape[1] - block_length)
+    else:
+        visible = visible | (key_positions == query_positions[:, None])
     return additive_mask(visible[:, None], dtype)
 
 
 def context_step(
-    model, state: TwoTowerDecodeState, token_ids: torch.LongTensor, token_mask: torch.Tensor | None, keep_behind: bool
-) -> torch.Tensor:
+    model,
+    state: TwoTowerDecodeState,
+    token_ids: torch.LongTensor,
+    token_mask: torch.Tensor | None,
+    keep_behind: bool,
+    logits: bool = True,
+) -> torch.Tensor | None:
     """Append tokens `(B, L)` to the state (the prompt, with `token_mask` 0 at its left padding; a committed block; one
-    AR token) through the context tower's forward, and return the next-token logits after them, `(B, V)` fp32. With
+    AR token) through the context tower's forward, and return the next-token logits after them, `(B, V)` fp32 (None
+    without `logits`: mask diffusion and Mock-AR never read them, and the head is the largest matrix of the step). With
     `keep_behind`, the Mamba states before these tokens are kept (Mock-AR reads them)."""
     length = token_ids.shape[1]
     positions = state.length + torch.arange(length, device=state.length.device)  # (L,)
@@ -59,7 +67,7 @@ def context_step(
         input_ids=token_ids, attention_mask=masks, past_key_values=state, position_ids=positions[None]
     ).last_hidden_state
     state.length.add_(length)
-    return tower.next_token_logits(hidden[:, -1])
+    return tower.next_token_logits(hidden[:, -1]) if logits else None
 
 
 def denoiser_context(state: TwoTowerDecodeState, block_length: int, behind: bool) -> DenoiserContext:
@@ -116,7 +124,7 @@ class DecodeSteps:
         self.model, self.compiled = model, compile_config is not None
         self.context_function, self.denoise_function = context_step, denoise_step
         if compile_config is not None:
-            functions = model.__dict__.setdefault("_compiled_decode_steps", {})
+            functions = StatePool.of(model).compiled_steps
             key = repr(sorted(compile_config.to_dict().items()))
             if key not in functions:
                 options = {**compile_config.to_dict(), "fullgraph": True}
@@ -124,13 +132,13 @@ class DecodeSteps:
                                   compiled_for_one_model(denoise_step, options))  # fmt: skip
             self.context_function, self.denoise_function = functions[key]
 
-    def extend(self, state: TwoTowerDecodeState, token_ids: torch.LongTensor, keep_behind: bool = False):
+    def extend(
+        self, state: TwoTowerDecodeState, token_ids: torch.LongTensor, keep_behind: bool = False, logits: bool = True
+    ):
         state.check_room(token_ids.shape[1], "An extension")
         # A column sliced from the growing sequences has a stride that changes every step; graphs key on strides.
-        state.next_token_logits = self.context_function(self.model, state, token_ids.contiguous(), None, keep_behind)
-        state.num_written += token_ids.shape[1]
-        state.behind_ready = keep_behind
-        return state.next_token_logits
+        logits = self.context_function(self.model, state, token_ids.contiguous(), None, keep_behind, logits)
+        return state.written(token_ids.shape[1], logits, keep_behind)
 
     def denoise(self, state: TwoTowerDecodeState, block_ids: torch.LongTensor, t, behind: bool = False):
         if block_ids.shape[1] > state.block_size:
@@ -139,21 +147,30 @@ class DecodeSteps:
 
 
 class StatePool:
-    """Decode states kept on a model for compiled decoding, so that a later call with the same shapes reuses the
-    addresses its CUDA graphs were recorded with. A call takes a state out and gives it back when it ends: two calls
-    never share one (a second concurrent call gets a state of its own). At most `capacity` are kept."""
+    """What compiled decoding keeps for a model: its compiled steps per compile config, and decode states, so that a
+    later call with the same shapes replays its CUDA graphs on the same addresses. A call takes a state out and gives
+    it back when it ends: two calls never share one. At most `capacity` states are kept. The pool lives beside the
+    model (a weak mapping), not in its `__dict__`: locks and compiled functions neither copy nor pickle."""
 
     capacity = 4
 
     def __init__(self):
         self.lock, self.free = threading.Lock(), []
+        self.compiled_call = threading.Lock()  # held by the one compiled call running on the model
+        self.compiled_steps: dict[str, tuple] = {}
 
     @staticmethod
     def of(model) -> "StatePool":
-        return model.__dict__.setdefault("_decode_state_pool", StatePool())
+        with _POOLS_LOCK:
+            return _POOLS.setdefault(model, StatePool())
+
+    def clear(self):
+        """Free the states kept (their memory returns to the allocator; the next compiled call allocates anew)."""
+        with self.lock:
+            self.free = []
 
     def take(self, model, batch_size, max_length, block_size, keep_behind, device) -> TwoTowerDecodeState:
-        key = (batch_size, max_length, block_size, keep_behind, torch.device(device))
+        key = (batch_size, max_length, block_size, keep_behind, torch.device(device), model.context_tower.dtype)
         with self.lock:
             for k, state in enumerate(self.free):
                 if state.shape_key == key:
@@ -163,6 +180,10 @@ class StatePool:
     def give_back(self, state: TwoTowerDecodeState):
         with self.lock:
             self.free = [state, *self.free][: self.capacity]
+
+
+_POOLS: "weakref.WeakKeyDictionary[torch.nn.Module, StatePool]" = weakref.WeakKeyDictionary()
+_POOLS_LOCK = threading.Lock()
 
 
 def power_of_two_at_least(n: int) -> int:
@@ -175,15 +196,13 @@ class Decoder:
     state shrinks to the live rows; compiled, to the next power of two of them (a few batch sizes, each compiled once),
     the remaining places holding finished rows. Outputs are always for the whole batch; rows not held get 0."""
 
-    def __init__(self, model, input_ids, attention_mask, max_length, block_size, keep_behind, compile_config=None):
+    def __init__(self, model, input_ids, attention_mask, new_tokens, block_size, keep_behind, compile_config=None):
         self.model, self.batch_size = model, input_ids.shape[0]
         self.steps = model.decode_steps(compile_config)
         self.pool, self.lock = None, None
         if self.steps.compiled:
-            self.pool, self.lock = (
-                StatePool.of(model),
-                model.__dict__.setdefault("_compiled_decoding", threading.Lock()),
-            )
+            self.pool = StatePool.of(model)
+            self.lock = self.pool.compiled_call
             if not self.lock.acquire(blocking=False):
                 raise RuntimeError(
                     "Another `generate(compile=True)` is running on this model: its compiled steps (and their CUDA "
@@ -192,6 +211,7 @@ class Decoder:
                 )
         self.state = None
         try:
+            max_length = TwoTowerDecodeState.length_for(input_ids.shape[1], new_tokens, block_size)
             self.state = self._new_state(self.batch_size, max_length, block_size, keep_behind, input_ids.device)
             model.prefill(input_ids, attention_mask, keep_behind=keep_behind, state=self.state)
         except BaseException:
@@ -205,8 +225,12 @@ class Decoder:
             return self.pool.take(self.model, batch_size, max_length, block_size, keep_behind, device)
         return self.model.new_decode_state(batch_size, max_length, block_size, keep_behind, device)
 
+    @property
+    def holds_every_row(self) -> bool:
+        return len(self.held) == self.batch_size  # (the state shrinks, never permutes a full batch)
+
     def _whole_batch(self, held: torch.Tensor) -> torch.Tensor:
-        if len(self.held) == self.batch_size and self.held == list(range(self.batch_size)):
+        if self.holds_every_row:
             return held
         full = held.new_zeros(self.batch_size, *held.shape[1:])
         full[self.rows.to(full.device)] = held
@@ -217,12 +241,12 @@ class Decoder:
         return self._whole_batch(self.state.next_token_logits)
 
     def denoise(self, block: torch.LongTensor, t: torch.Tensor | None, behind: bool = False) -> torch.Tensor:
-        if len(self.held) != self.batch_size:
+        if not self.holds_every_row:
             block, t = block[self.rows], None if t is None else t[self.rows]
         return self._whole_batch(self.steps.denoise(self.state, block, t, behind))
 
-    def extend(self, tokens: torch.LongTensor, keep_behind: bool = False):
-        self.steps.extend(self.state, tokens if len(self.held) == self.batch_size else tokens[self.rows], keep_behind)
+    def extend(self, tokens: torch.LongTensor, keep_behind: bool = False, logits: bool = True):
+        self.steps.extend(self.state, tokens if self.holds_every_row else tokens[self.rows], keep_behind, logits)
 
     def keep_rows(self, finished: list[bool]):
         """Drop finished rows (`finished`: per batch row, on the host) when the state can shrink."""
@@ -234,9 +258,11 @@ class Decoder:
         held = live + filler
         places = torch.tensor([self.held.index(row) for row in held], device=self.rows.device)
         old = self.state
-        self.state = self._new_state(size, old.max_length, old.block_size, old.keep_behind, old.device)
-        self.state.copy_rows_from(old, places)
-        self.close(old)
+        try:
+            self.state = self._new_state(size, old.max_length, old.block_size, old.keep_behind, old.device)
+            self.state.copy_rows_from(old, places)
+        finally:
+            self.close(old)
         self.held, self.rows = held, torch.tensor(held, device=self.rows.device)
 
     def close(self, state: TwoTowerDecodeState | None = None):

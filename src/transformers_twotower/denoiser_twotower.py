@@ -134,10 +134,17 @@ class DenoiserAttention(NemotronHAttention):
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, kv_heads, nb * S, hd)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         if block_positions is not None:
-            # Inference: the block's K/V are written into the decode state's buffers (on the context tower's
-            # device), and the queries attend over them where they lie.
-            context_keys.index_copy_(2, block_positions.to(context_keys.device), key.to(context_keys))
-            context_values.index_copy_(2, block_positions.to(context_values.device), value.to(context_values))
+            # Inference: the block's K/V go to `block_positions` of the decode state's buffers. Written in place (no
+            # copy of the context) where the buffers can hold them as they are; with gradients, or buffers of another
+            # device or dtype (a device map, towers in two dtypes), into a copy: the same keys at the same positions.
+            in_place = not torch.is_grad_enabled() and (context_keys.device, context_keys.dtype) == (
+                key.device,
+                key.dtype,
+            )
+            write = torch.Tensor.index_copy_ if in_place else torch.Tensor.index_copy
+            positions = block_positions.to(key.device)
+            context_keys = write(context_keys.to(key.device, key.dtype), 2, positions, key)
+            context_values = write(context_values.to(value.device, value.dtype), 2, positions, value)
         # The context K/V (written by the context tower, perhaps on another device) move to this layer.
         context_keys = context_keys.to(key.device, key.dtype)
         context_values = context_values.to(value.device, value.dtype)
@@ -152,7 +159,7 @@ class DenoiserAttention(NemotronHAttention):
             key = torch.cat([context_keys, key], dim=2)  # (B, kv_heads, T + nb * S, hd)
             value = torch.cat([context_values, value], dim=2)
         if attention_mask is not None:
-            attention_mask = attention_mask.to(query.device)
+            attention_mask = attention_mask.to(query.device, query.dtype)
         # Arbitrary masks need eager or sdpa; other kernels (flash) cannot express the block structure.
         implementation = self.config._attn_implementation
         implementation = implementation if implementation in ("eager", "sdpa") else "sdpa"
@@ -250,7 +257,7 @@ class TwoTowerDenoiser(TwoTowerPreTrainedModel):
     """The denoiser tower: `embeddings`, `layers`, `norm_f` as in Nemotron-H, plus `adaln` (adaLN-single).
 
     `forward(input_ids, context, t)` runs noisy blocks `(B * nb, S)` after a `DenoiserContext` (from
-    `TwoTowerCache.denoiser_context` or `TwoTowerContextTower.training_context`) and returns their final hidden
+    `decoding_twotower.denoiser_context` or `TwoTowerContextTower.training_context`) and returns their final hidden
     states. `t` `(B * nb,)` is each block's masked fraction, or None for no time conditioning (Mock-AR).
     """
 

@@ -43,16 +43,15 @@ HOST_METHODS = tuple(name for name, value in vars(GenerationHost).items() if cal
 
 def make_decoder(model, input_ids, attention_mask, config, keep_behind: bool) -> Decoder:
     """Read the prompts into a decode state sized for this call, and return what the loops decode from."""
-    block_size = config.block_size
-    round_up = lambda n: -(-n // block_size) * block_size  # noqa: E731
-    max_length = round_up(input_ids.shape[1] + round_up(config.max_new_tokens))
     compile_config = None
     if config.compile:
         device = input_ids.device.type
         compile_config = config.compile_config or CompileConfig(
             mode="reduce-overhead" if device == "cuda" else "default"
         )
-    return Decoder(model, input_ids, attention_mask, max_length, block_size, keep_behind, compile_config)
+    return Decoder(
+        model, input_ids, attention_mask, config.max_new_tokens, config.block_size, keep_behind, compile_config
+    )
 
 
 def run_mask_diffusion(
@@ -120,7 +119,7 @@ def run_mask_diffusion(
             if all(finished) or tracker.room <= 0:
                 break
             decoder.keep_rows(finished)
-            decoder.extend(block)  # the context tower reads the block once
+            decoder.extend(block, logits=False)  # the context tower reads the block once; nothing reads its logits
     return tracker.output(record)
 
 
@@ -156,7 +155,7 @@ def run_autoregressive(
                 break
             decoder.keep_rows(finished)
             last = tracker.sequences[:, -1:]
-            decoder.extend(last, keep_behind=mock_ar)
+            decoder.extend(last, keep_behind=mock_ar, logits=not mock_ar)
     result = tracker.output()
     kept = result.sequences.shape[1] - input_ids.shape[1]
     result.scores = None if scores_seen is None else tuple(scores_seen[:kept])

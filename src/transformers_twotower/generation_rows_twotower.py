@@ -38,10 +38,6 @@ class RowTracker:
     def room(self) -> int:
         return self.max_new_tokens - self.generated_length
 
-    @property
-    def done(self) -> bool:
-        return bool(self.finished.all()) or self.room <= 0
-
     def append(
         self, tokens: torch.LongTensor, length: torch.Tensor | None = None, stopped: torch.Tensor | None = None
     ):

@@ -26,7 +26,7 @@ from .generation_loops_twotower import HOST_METHODS, run_autoregressive, run_mas
 class TwoTowerGenerationMixin(GenerationArguments):
     """`generate` for TwoTower's three modes (docs/architecture.md, "Generation"), plus the release's `generate_*`
     functions, which all go through `generate`. The model it is mixed into provides `GenerationHost`'s methods
-    (`generation_loops_twotower`): `prefill`, `extend_context` and `denoise_step`."""
+    (`generation_loops_twotower`): `new_decode_state`, `prefill` and `decode_steps`."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -56,7 +56,7 @@ class TwoTowerGenerationMixin(GenerationArguments):
             x = [mask] * S                                   # per row
             for step in range(steps_per_block):
                 if nothing in x is masked: break
-                logits = denoiser(x, t = masked fraction of the row, context cache)
+                logits = denoiser(x, t = masked fraction of the row, decode state)
                 pred, conf = argmax (or Gumbel-max sample) of p(x0 | x_t), p(pred)   # mask id excluded
                 commit, per row, the k most confident masked positions:
                     k = all masked                          on the last step
@@ -65,7 +65,7 @@ class TwoTowerGenerationMixin(GenerationArguments):
             a row is done at its first EOS (later tokens become `pad_token_id`)
 
         Mock-AR decodes one token per denoiser forward (no time conditioning, the context one token behind); AR is
-        the context tower alone with its cache.
+        the context tower alone with its decode state.
 
         Transformers' logits processors and stopping criteria work as in a stock model in the AR and Mock-AR modes; in
         mask diffusion those acting on one position's distribution apply to every masked position, and stops are

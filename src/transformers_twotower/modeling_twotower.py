@@ -2,7 +2,7 @@
 
 `TwoTowerForDiffusionLM` wires the two towers together (docs/architecture.md):
 
-- `context_tower` (`context_twotower.py`): the frozen Nemotron-H backbone with its head; writes the `TwoTowerCache`;
+- `context_tower` (`context_twotower.py`): the frozen Nemotron-H backbone with its head; writes the decode state (`TwoTowerDecodeState`);
 - `denoiser_tower` (`denoiser_twotower.py`): the trained backbone with adaLN-single, joint attention and seeded Mamba;
   its head is `lm_head`;
 
@@ -189,7 +189,7 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         if state is None:
             block = self.config.block_size
             room = self.generation_config.max_new_tokens or block
-            max_length = max_length or -(-(input_ids.shape[1] + room) // block) * block
+            max_length = max_length or TwoTowerDecodeState.length_for(input_ids.shape[1], room, block)
             state = self.new_decode_state(input_ids.shape[0], max_length, block, keep_behind, input_ids.device)
         if state.batch_size != input_ids.shape[0] or state.num_written:
             raise ValueError(f"`state` must be an empty decode state for {input_ids.shape[0]} rows.")
@@ -203,9 +203,8 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         return state
 
     def _prefill_pass(self, state, input_ids, mask, keep_behind):
-        state.next_token_logits = context_step(self, state, input_ids, None if bool(mask.all()) else mask, keep_behind)
-        state.num_written += input_ids.shape[1]
-        state.behind_ready = keep_behind
+        logits = context_step(self, state, input_ids, None if bool(mask.all()) else mask, keep_behind)
+        state.written(input_ids.shape[1], logits, keep_behind)
 
     @torch.no_grad()
     def extend_context(
