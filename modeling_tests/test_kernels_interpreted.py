@@ -162,8 +162,9 @@ def test_context_and_denoiser_logits_match_the_release(release_model, expected, 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PROMPTS))
 @pytest.mark.parametrize("mode", ["ar", "mock_ar"])
 def test_autoregressive_modes_match_the_release(release_model, expected, mode, name):
-    """AR decodes through `selective_state_update`; Mock-AR through the chunked kernel, one token per block."""
-    counted = "selective_state_update" if mode == "ar" else "mamba_chunk_scan_combined"
+    """Both decode one token at a time through `selective_state_update`: AR's context steps, and Mock-AR's too, with
+    its denoiser's one-token blocks."""
+    counted = "selective_state_update"
     before = calls(counted)
     run = expected[mode][name]
     out = release_model.generate(

@@ -107,7 +107,7 @@ class MockSteps:
     def __init__(self, model):
         self.model = model
 
-    def extend(self, state, token_ids, keep_behind=False, logits=True):
+    def extend(self, state, token_ids, keep_behind=False):
         self.model.calls.append(("extend", token_ids.shape[1]))
 
     def denoise(self, state, block_ids, t, behind=False):

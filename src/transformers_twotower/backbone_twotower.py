@@ -206,6 +206,7 @@ class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
         y = mamba2_selective_state_update(
             state, x[:, 0], dt[:, 0, :, None].expand(-1, -1, self.head_dim),
             per_head(A)[..., None].expand(-1, -1, self.ssm_state_size), B[:, 0], C[:, 0], per_head(D),
+            dt_bias=per_head(torch.zeros_like(A)),  # zero, and given: mamba-ssm's kernel reads its stride
         )  # fmt: skip
         return y[:, None], state
 

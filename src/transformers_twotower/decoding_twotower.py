@@ -41,17 +41,14 @@ def visible_keys(
 
 
 def context_step(
-    model,
-    state: TwoTowerDecodeState,
-    token_ids: torch.LongTensor,
-    token_mask: torch.Tensor | None,
-    keep_behind: bool,
-    logits: bool = True,
-) -> torch.Tensor | None:
+    model, state: TwoTowerDecodeState, token_ids: torch.LongTensor, token_mask: torch.Tensor | None, keep_behind: bool
+) -> torch.Tensor:
     """Append tokens `(B, L)` to the state (the prompt, with `token_mask` 0 at its left padding; a committed block; one
-    AR token) through the context tower's forward, and return the next-token logits after them, `(B, V)` fp32 (None
-    without `logits`: mask diffusion and Mock-AR never read them, and the head is the largest matrix of the step). With
-    `keep_behind`, the Mamba states before these tokens are kept (Mock-AR reads them)."""
+    AR token) through the context tower's forward, and return the next-token logits after them, `(B, V)` fp32. With
+    `keep_behind`, the Mamba states before these tokens are kept (Mock-AR reads them).
+
+    The logits are computed even where nothing reads them (extensions in mask diffusion and Mock-AR): a graph that
+    returns nothing but its in-place writes was miscompiled by inductor (wrong tokens on the fixture; torch 2.13)."""
     length = token_ids.shape[1]
     positions = state.length + torch.arange(length, device=state.length.device)  # (L,)
     real = token_mask.bool() if token_mask is not None else torch.ones_like(token_ids, dtype=torch.bool)
@@ -67,7 +64,7 @@ def context_step(
         input_ids=token_ids, attention_mask=masks, past_key_values=state, position_ids=positions[None]
     ).last_hidden_state
     state.length.add_(length)
-    return tower.next_token_logits(hidden[:, -1]) if logits else None
+    return tower.next_token_logits(hidden[:, -1])
 
 
 def denoiser_context(state: TwoTowerDecodeState, block_length: int, behind: bool) -> DenoiserContext:
@@ -132,12 +129,10 @@ class DecodeSteps:
                                   compiled_for_one_model(denoise_step, options))  # fmt: skip
             self.context_function, self.denoise_function = functions[key]
 
-    def extend(
-        self, state: TwoTowerDecodeState, token_ids: torch.LongTensor, keep_behind: bool = False, logits: bool = True
-    ):
+    def extend(self, state: TwoTowerDecodeState, token_ids: torch.LongTensor, keep_behind: bool = False):
         state.check_room(token_ids.shape[1], "An extension")
         # A column sliced from the growing sequences has a stride that changes every step; graphs key on strides.
-        logits = self.context_function(self.model, state, token_ids.contiguous(), None, keep_behind, logits)
+        logits = self.context_function(self.model, state, token_ids.contiguous(), None, keep_behind)
         return state.written(token_ids.shape[1], logits, keep_behind)
 
     def denoise(self, state: TwoTowerDecodeState, block_ids: torch.LongTensor, t, behind: bool = False):
@@ -245,8 +240,8 @@ class Decoder:
             block, t = block[self.rows], None if t is None else t[self.rows]
         return self._whole_batch(self.steps.denoise(self.state, block, t, behind))
 
-    def extend(self, tokens: torch.LongTensor, keep_behind: bool = False, logits: bool = True):
-        self.steps.extend(self.state, tokens if self.holds_every_row else tokens[self.rows], keep_behind, logits)
+    def extend(self, tokens: torch.LongTensor, keep_behind: bool = False):
+        self.steps.extend(self.state, tokens if self.holds_every_row else tokens[self.rows], keep_behind)
 
     def keep_rows(self, finished: list[bool]):
         """Drop finished rows (`finished`: per batch row, on the host) when the state can shrink."""

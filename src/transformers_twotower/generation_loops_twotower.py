@@ -119,7 +119,7 @@ def run_mask_diffusion(
             if all(finished) or tracker.room <= 0:
                 break
             decoder.keep_rows(finished)
-            decoder.extend(block, logits=False)  # the context tower reads the block once; nothing reads its logits
+            decoder.extend(block)  # the context tower reads the block once
     return tracker.output(record)
 
 
@@ -155,7 +155,7 @@ def run_autoregressive(
                 break
             decoder.keep_rows(finished)
             last = tracker.sequences[:, -1:]
-            decoder.extend(last, keep_behind=mock_ar, logits=not mock_ar)
+            decoder.extend(last, keep_behind=mock_ar)
     result = tracker.output()
     kept = result.sequences.shape[1] - input_ids.shape[1]
     result.scores = None if scores_seen is None else tuple(scores_seen[:kept])
