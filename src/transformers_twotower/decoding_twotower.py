@@ -6,7 +6,8 @@
   `denoise_step` runs the denoiser over a noisy block after it and returns the block's logits. Both build their masks
   with `visible_keys`, and neither syncs with the host, branches on a tensor's value or changes a shape between steps,
   so each compiles with `fullgraph=True` and, on CUDA, replays as one CUDA graph.
-- `DecodeSteps` is the two steps, eager or compiled (each layer kind compiled once, `regional_compile`); `Decoder` is
+- `DecodeSteps` is the two steps, eager or compiled (each layer kind's block traced once:
+  `backbone_twotower.compiled_once_per_kind`); `StatePool` keeps a model's compiled steps and states; `Decoder` is
   what generation calls: one prefilled state, the batch rows it holds, and finished rows dropped at block boundaries.
 
 Eager and compiled decoding run these same functions; prefill is `context_step` on an empty state, uncompiled.
@@ -115,7 +116,8 @@ def compiled_for_one_model(function, options: dict):
 
 class DecodeSteps:
     """The two decoding steps, as plain functions (eager) or compiled with `fullgraph=True`. Compiled functions are
-    kept on the model per compile config, so that later calls with the same shapes replay what was compiled."""
+    kept beside the model per compile config (`StatePool.compiled_steps`), so that later calls with the same shapes
+    replay what was compiled."""
 
     def __init__(self, model, compile_config: CompileConfig | None = None):
         self.model, self.compiled = model, compile_config is not None
