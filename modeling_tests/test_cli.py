@@ -98,6 +98,20 @@ def test_bench_synthetic_small(capsys, monkeypatch):
     assert ar["floor_ms"] == round(ar["bytes"] / 1e9 * 1e3, 4) and ar["eager_ms"] > 0
 
 
+def test_bench_demo_runs(tmp_path, capsys):
+    """The demo benchmark end to end on two prompts (it counts the context tower's tokens through a hook on its
+    forward; an earlier form patched a method the one decoding path removed, and failed)."""
+    output = tmp_path / "demo.json"
+    assert main(["bench", "--prompts", "2", "--repeats", "1", "--batch-sizes", "1", "--thresholds", "0.8",
+                 "--output", str(output)]) == 0  # fmt: skip
+    rows = {(row["scenario"], row["mode"]): row for row in json.loads(output.read_text())}
+    ar, diffusion = rows["plain", "ar"], rows["plain", "mask_diffusion"]
+    # AR's context tower reads every generated token but each prompt's last; diffusion each block but the last, once.
+    generated = ar["generated_tokens"]
+    assert ar["context_tokens_per_token"] == round((generated - ar["prompts"]) / generated, 3)
+    assert 0 < diffusion["context_tokens_per_token"] < ar["context_tokens_per_token"]
+
+
 def test_bench_synthetic_generate_small(capsys, monkeypatch):
     """The end-to-end benchmark's path at a small width on the CPU: whole generate calls, AR against mask diffusion at
     forced rates. A threshold no confidence reaches leaves the commit floor: 16 tokens in 8, 5 and 3 steps."""
