@@ -358,6 +358,7 @@ def demo_quality(model, prompts: torch.Tensor, args) -> int:
     return 0
 
 
+@torch.no_grad()  # (not a global switch: the tests call `main` in their own process)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m transformers_twotower bench", description=__doc__.split("\n\n")[0]
@@ -385,7 +386,6 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {folder} has no train_log.json naming its held-out modules")
     held_out = json.loads(log_path.read_text())["held_out"]
     tokenizer, model = load(folder, args.device, "auto")  # bf16 on CUDA, fp32 elsewhere
-    torch.set_grad_enabled(False)
     if args.step_costs:
         return demo_step_costs(model, args)
     prompts, truth = held_out_windows(tokenizer, held_out, args.prompts)

@@ -9,7 +9,7 @@ import torch._dynamo
 from conftest import DIFFUSION, EXPECTED_PROMPTS, clean_rows, left_pad, load_release, tiny_model
 from transformers import CompileConfig
 
-from transformers_twotower.decoding_twotower import DecodeSteps, StatePool
+from transformers_twotower.decoding_twotower import Decoder, DecodeSteps, StatePool
 from transformers_twotower.defaults_twotower import GENERATION_MODES
 
 
@@ -130,3 +130,24 @@ def test_each_layer_kind_is_traced_once_whatever_the_depth(step):
         subgraphs = {node.args[0].target for node in calls}
         counts[layers] = (len(calls), len(subgraphs))
     assert counts == {8: (8, 4), 16: (16, 4)}
+
+
+def test_a_compiled_state_shrinks_to_a_power_of_two_with_finished_rows_as_filler(model):
+    """Three live rows of eight: the compiled state shrinks to four, the live rows first and one finished row as
+    filler; the live rows' logits are those of the whole state, and rows no longer held get 0."""
+    ids, mask = left_pad(clean_rows(model, [3, 9, 5, 7, 4, 8, 6, 2], seed=4))
+    block = torch.randint(4, model.config.vocab_size, (8, 4), generator=torch.Generator().manual_seed(0))
+    block[:, ::2] = model.config.mask_token_id
+    t = torch.full((8,), 0.5)
+    finished = [True, False, True, True, False, True, True, False]
+    with torch.no_grad():
+        with Decoder(model, ids, mask, 8, 4, False) as whole:  # eager, every row held
+            expected = whole.denoise(block, t)
+        with Decoder(model, ids, mask, 8, 4, False, TRACE_ONLY) as decoder:
+            decoder.keep_rows(finished)
+            held, size = list(decoder.held), decoder.state.batch_size
+            logits = decoder.denoise(block, t)
+    assert size == 4 and held[:3] == [1, 4, 7] and finished[held[3]]
+    torch.testing.assert_close(logits[held], expected[held], rtol=1e-5, atol=1e-5)
+    dropped = [row for row in range(8) if row not in held]
+    assert not logits[dropped].any()

@@ -183,7 +183,8 @@ class TwoTowerMamba2Mixer(NemotronHMamba2Mixer):
         quadratic form with the state folded in."""
         A, D = self.ssm_decay_rates, self.D.float()
         h0 = ssm_state.to(device=x.device, dtype=torch.float32)
-        if x.shape[1] == 1 and ONE_TOKEN_KERNEL and not torch.compiler.is_compiling():  # TwoTower
+        # TwoTower: the kernel has no backward; under autograd (a one-token training block) the torch forms run.
+        if x.shape[1] == 1 and ONE_TOKEN_KERNEL and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return self.one_token_step(x, dt, A, B, C, D, h0)
         if x.shape[1] <= self.chunk_size and (SHORT_BLOCK_SCAN or torch.compiler.is_compiling()):  # TwoTower
             return one_chunk_scan(x, dt, A, B, C, D, h0)

@@ -148,6 +148,16 @@ def execution_device(module: nn.Module, default) -> torch.device:
     return torch.device(default) if weight is None or weight.device.type == "meta" else weight.device
 
 
+def decode_placement(model, device) -> tuple:
+    """Where and in which dtype each context layer's decode buffers live: `(layer, device, dtype)` per layer."""
+    placement = []
+    for layer in model.context_tower.layers:
+        if layer.block_type in ("full_attention", "linear_attention"):
+            weight = layer.mixer.k_proj.weight if layer.block_type == "full_attention" else layer.mixer.in_proj.weight
+            placement.append((layer.layer_idx, execution_device(layer, device), weight.dtype))
+    return tuple(placement)
+
+
 class TwoTowerDecodeState:
     """The fixed-address state both towers decode from (docs/architecture.md, "Decoding").
 
@@ -165,7 +175,7 @@ class TwoTowerDecodeState:
 
     def __init__(self, model, batch_size: int, max_length: int, block_size: int, keep_behind: bool, device):
         self.batch_size, self.max_length, self.block_size = batch_size, max_length, block_size
-        self.keep_behind, self.model_dtype = keep_behind, model.context_tower.dtype
+        self.keep_behind, self.placement = keep_behind, decode_placement(model, device)
         self.keys, self.values, self.conv, self.ssm, self.conv_behind, self.ssm_behind = {}, {}, {}, {}, {}, {}
         width = max_length + block_size
         for layer in model.context_tower.layers:
@@ -199,7 +209,7 @@ class TwoTowerDecodeState:
     @property
     def shape_key(self) -> tuple:
         """What a compiled step is specialised to; states with the same key are interchangeable (`StatePool`)."""
-        return (self.batch_size, self.max_length, self.block_size, self.keep_behind, self.device, self.model_dtype)
+        return (self.batch_size, self.max_length, self.block_size, self.keep_behind, self.device, self.placement)
 
     @property
     def device(self) -> torch.device:

@@ -21,7 +21,7 @@ import weakref
 import torch
 from transformers import CompileConfig
 
-from .context_twotower import DenoiserContext, TwoTowerDecodeState, additive_mask
+from .context_twotower import DenoiserContext, TwoTowerDecodeState, additive_mask, decode_placement
 
 
 def visible_keys(
@@ -167,7 +167,7 @@ class StatePool:
             self.free = []
 
     def take(self, model, batch_size, max_length, block_size, keep_behind, device) -> TwoTowerDecodeState:
-        key = (batch_size, max_length, block_size, keep_behind, torch.device(device), model.context_tower.dtype)
+        key = (batch_size, max_length, block_size, keep_behind, torch.device(device), decode_placement(model, device))
         with self.lock:
             for k, state in enumerate(self.free):
                 if state.shape_key == key:
@@ -255,16 +255,21 @@ class Decoder:
         held = live + filler
         places = torch.tensor([self.held.index(row) for row in held], device=self.rows.device)
         old = self.state
+        new = self._new_state(size, old.max_length, old.block_size, old.keep_behind, old.device)
         try:
-            self.state = self._new_state(size, old.max_length, old.block_size, old.keep_behind, old.device)
-            self.state.copy_rows_from(old, places)
-        finally:
-            self.close(old)
+            new.copy_rows_from(old, places)
+        except BaseException:
+            self.close(new)
+            raise
+        self.state = new
+        self.close(old)
         self.held, self.rows = held, torch.tensor(held, device=self.rows.device)
 
     def close(self, state: TwoTowerDecodeState | None = None):
-        """Give a state back to the pool (compiled decoding; eager states are freed)."""
-        state = state or self.state
+        """Give a state back to the pool (compiled decoding; eager states are freed): `state`, or the decoder's own,
+        which it then no longer holds."""
+        if state is None:
+            state, self.state = self.state, None
         if self.pool is not None and state is not None:
             self.pool.give_back(state)
 
@@ -275,6 +280,7 @@ class Decoder:
         self.close()
         if self.lock is not None:
             self.lock.release()
+            self.lock = None
 
 
 __all__ = [

@@ -134,14 +134,11 @@ class DenoiserAttention(NemotronHAttention):
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, kv_heads, nb * S, hd)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         if block_positions is not None:
-            # Inference: the block's K/V go to `block_positions` of the decode state's buffers. Written in place (no
-            # copy of the context) where the buffers can hold them as they are; with gradients, or buffers of another
-            # device or dtype (a device map, towers in two dtypes), into a copy: the same keys at the same positions.
-            in_place = not torch.is_grad_enabled() and (context_keys.device, context_keys.dtype) == (
-                key.device,
-                key.dtype,
-            )
-            write = torch.Tensor.index_copy_ if in_place else torch.Tensor.index_copy
+            # Inference: the block's K/V go to `block_positions` of the decode state's buffers, in place: into the
+            # state itself (no copy of the context), or into the copy `.to` makes for another device or dtype (a
+            # device map, towers in two dtypes). With gradients, buffers the state owns are not written: a copy is.
+            owned = (context_keys.device, context_keys.dtype) == (key.device, key.dtype)
+            write = torch.Tensor.index_copy if owned and torch.is_grad_enabled() else torch.Tensor.index_copy_
             positions = block_positions.to(key.device)
             context_keys = write(context_keys.to(key.device, key.dtype), 2, positions, key)
             context_values = write(context_values.to(value.device, value.dtype), 2, positions, value)
