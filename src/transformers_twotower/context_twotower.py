@@ -236,12 +236,11 @@ class TwoTowerDecodeState:
         block is generated whole, then trimmed)."""
         return -(-(prompt_length + new_tokens) // block_size) * block_size
 
-    def written(self, length: int, next_token_logits: torch.Tensor, kept_behind: bool) -> torch.Tensor:
+    def written(self, length: int, next_token_logits: torch.Tensor, kept_behind: bool):
         """Record on the host that `length` tokens were appended (the step already advanced `length`)."""
         self.num_written += length
         self.next_token_logits = next_token_logits
-        self.behind_ready = kept_behind and self.keep_behind and length == 1
-        return next_token_logits
+        self.behind_ready = kept_behind
 
     def check_room(self, length: int, what: str):
         """Refuse, before anything runs, `length` more context tokens that would not fit."""
@@ -253,9 +252,11 @@ class TwoTowerDecodeState:
 
     def copy_rows_from(self, other: "TwoTowerDecodeState", rows: torch.LongTensor) -> "TwoTowerDecodeState":
         """Fill this state with `other`'s `rows` (in that order; as many as this state's batch)."""
-        for mine, theirs in zip(self.tensors()[:-1], other.tensors()[:-1]):
-            mine.copy_(theirs.index_select(0, rows.to(theirs.device)))
-        self.length.copy_(other.length)
+        for mine, theirs in zip(self.tensors(), other.tensors()):
+            if mine is self.length:  # shared by every row
+                mine.copy_(theirs)
+            else:
+                mine.copy_(theirs.index_select(0, rows.to(theirs.device)))
         self.num_written, self.behind_ready = other.num_written, other.behind_ready
         logits = other.next_token_logits
         self.next_token_logits = None if logits is None else logits.index_select(0, rows.to(logits.device))

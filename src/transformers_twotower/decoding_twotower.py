@@ -131,11 +131,23 @@ class DecodeSteps:
                                   compiled_for_one_model(denoise_step, options))  # fmt: skip
             self.context_function, self.denoise_function = functions[key]
 
-    def extend(self, state: TwoTowerDecodeState, token_ids: torch.LongTensor, keep_behind: bool = False):
-        state.check_room(token_ids.shape[1], "An extension")
+    def extend(
+        self,
+        state: TwoTowerDecodeState,
+        token_ids: torch.LongTensor,
+        keep_behind: bool = False,
+        token_mask: torch.Tensor | None = None,
+        what: str = "An extension",
+    ) -> torch.Tensor:
+        """Append tokens to the state (`token_mask`: 0 at left padding, a prompt's) and return the next-token logits.
+        The Mamba states behind are kept only where they can be read: a state that keeps them, one token."""
+        length = token_ids.shape[1]
+        state.check_room(length, what)
+        keep_behind = keep_behind and state.keep_behind and length == 1
         # A column sliced from the growing sequences has a stride that changes every step; graphs key on strides.
-        logits = self.context_function(self.model, state, token_ids.contiguous(), None, keep_behind)
-        return state.written(token_ids.shape[1], logits, keep_behind)
+        logits = self.context_function(self.model, state, token_ids.contiguous(), token_mask, keep_behind)
+        state.written(length, logits, keep_behind)
+        return logits
 
     def denoise(self, state: TwoTowerDecodeState, block_ids: torch.LongTensor, t, behind: bool = False):
         if block_ids.shape[1] > state.block_size:

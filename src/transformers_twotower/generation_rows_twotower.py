@@ -43,7 +43,7 @@ class RowTracker:
     ):
         """Commit `(B, n)` tokens: trim past `max_new_tokens`, pad finished rows, end rows at their first EOS, and
         rows `stopped` inside these tokens after their first `length`."""
-        tokens = tokens[:, : self.room].clone()
+        tokens = tokens[:, : self.room]  # (masked_fill below copies)
         real = ~self.finished[:, None].expand_as(tokens)
         if length is not None:
             real = real & (torch.arange(tokens.shape[1], device=tokens.device) < length[:, None])

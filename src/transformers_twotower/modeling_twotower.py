@@ -23,7 +23,7 @@ from .backbone_twotower import TwoTowerPreTrainedModel
 from .card_twotower import model_card
 from .configuration_twotower import TwoTowerConfig
 from .context_twotower import TwoTowerContextTower, TwoTowerDecodeState, check_left_padded, check_token_ids
-from .decoding_twotower import DecodeSteps, context_step
+from .decoding_twotower import DecodeSteps
 from .denoiser_twotower import TwoTowerDenoiser
 from .generation_config_twotower import TwoTowerGenerationConfig
 from .generation_twotower import TwoTowerGenerationMixin
@@ -196,15 +196,14 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         if keep_behind and not state.keep_behind:
             raise ValueError("`keep_behind=True` needs a state built with `keep_behind=True`.")
         state.check_room(input_ids.shape[1], "A prompt")
-        if keep_behind and input_ids.shape[1] > 1:
-            self._prefill_pass(state, input_ids[:, :-1], mask[:, :-1], False)
-        self._prefill_pass(state, input_ids[:, -1:] if keep_behind else input_ids,
-                           mask[:, -1:] if keep_behind else mask, keep_behind)  # fmt: skip
+        steps = self.decode_steps()  # eager: the prompt's shape changes from call to call
+        # With `keep_behind`, the release's two passes: all but the last token, then the last token alone.
+        cut = input_ids.shape[1] - 1 if keep_behind else input_ids.shape[1]
+        for columns, behind in ((slice(0, cut), False), (slice(cut, None), keep_behind)):
+            if input_ids[:, columns].shape[1]:
+                padding = None if bool(mask[:, columns].all()) else mask[:, columns]
+                steps.extend(state, input_ids[:, columns], behind, padding, "A prompt")
         return state
-
-    def _prefill_pass(self, state, input_ids, mask, keep_behind):
-        logits = context_step(self, state, input_ids, None if bool(mask.all()) else mask, keep_behind)
-        state.written(input_ids.shape[1], logits, keep_behind)
 
     @torch.no_grad()
     def extend_context(
@@ -217,7 +216,7 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
                 f"`token_ids` must have shape (batch={state.batch_size}, length >= 1), got {tuple(token_ids.shape)}."
             )
         check_token_ids(token_ids, self.config.vocab_size, "token_ids")
-        self.decode_steps().extend(state, token_ids, keep_behind and state.keep_behind and token_ids.shape[1] == 1)
+        self.decode_steps().extend(state, token_ids, keep_behind)
         return state
 
     def denoise_step(
