@@ -16,6 +16,7 @@
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -28,10 +29,12 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+from transformers import NemotronHConfig, NemotronHForCausalLM
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.dynamic_module_utils import custom_object_save
 
 from transformers_twotower import TwoTowerConfig, TwoTowerForDiffusionLM
+from transformers_twotower.layout_twotower import BACKBONE_PREFIXES, release_pieces
 
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -235,6 +238,18 @@ def saved_tensor_shapes(config: TwoTowerConfig) -> dict[str, tuple]:
     return {name: (tensor.shape, tensor.dtype) for name, tensor in saved.items()}
 
 
+def nemotron_h_tensor_shapes(config: TwoTowerConfig) -> dict[str, tuple]:
+    """`{name: (shape, dtype)}` of a plain Nemotron-H checkpoint of the backbone `config` describes, as NVIDIA's
+    Nemotron-3-Nano release stores one: `backbone.*` (transformers' `NemotronHForCausalLM` reads it as `model.*`), one
+    tensor per expert, `lm_head.weight`; on the meta device."""
+    fields = NemotronHConfig.__dataclass_fields__
+    with torch.device("meta"):
+        model = NemotronHForCausalLM(NemotronHConfig(**{k: v for k, v in config.to_dict().items() if k in fields}))
+    saved = revert_weight_conversion(model, model.state_dict())
+    backbone = f"{BACKBONE_PREFIXES[0]}."
+    return {re.sub(r"^model\.", backbone, name): (tensor.shape, tensor.dtype) for name, tensor in saved.items()}
+
+
 def write_model_files(work: Path, config: TwoTowerConfig, source: Path, card: str, dtype: torch.dtype | None):
     """Everything but the weights: what `save_pretrained` writes (the package's code, `config.json` with `auto_map`,
     `generation_config.json`), the source's tokenizer files, and a model card."""
@@ -267,7 +282,9 @@ def convert_tensors(
     new_tensors: dict[str, torch.Tensor] | None = None,
 ):
     """Write into `work` every source tensor under the names `rename` gives it (a `ValueError` from `rename` names a
-    tensor it cannot place), cast to `dtype`, plus `new_tensors` (in `dtype`, else the source's floating dtype).
+    tensor it cannot place; no name drops it), cast to `dtype`, plus `new_tensors` (in `dtype`, else the source's
+    floating dtype). `rename` sees the release's names: experts stored stacked are read one expert at a time under the
+    release's per-expert names (`layout_twotower.release_pieces`), so every converter reads both expert layouts.
 
     Streaming: the output is planned from the source's headers (names, shapes, dtypes), checked against `expected`,
     split into shards as `save_pretrained` splits a state dict, then written one output shard at a time, each tensor
@@ -276,7 +293,7 @@ def convert_tensors(
     shards = list_shards(input_dir)
     check_index_matches_shards(input_dir, shards)
     planned: dict[str, torch.Tensor] = {}  # output name -> a meta tensor of its shape and dtype
-    sources: dict[str, tuple[Path, str]] = {}  # output name -> (source shard, source name)
+    sources: dict[str, tuple[Path, str, int | None]] = {}  # output name -> (source shard, source name, expert index)
     created: dict[str, torch.Tensor] = {}  # output name -> one of `new_tensors`, cast
 
     def plan(name: str, shape, out_dtype: torch.dtype, where: str = ""):
@@ -290,13 +307,15 @@ def convert_tensors(
             for name in handle.keys():
                 shape, stored = stored_spec(handle, name)
                 floating = floating or (stored if stored.is_floating_point else None)
-                try:
-                    out_names = rename(name)
-                except ValueError as error:
-                    raise CheckpointError(f"{shard.name}: {error}") from error
-                for out_name in out_names:
-                    plan(out_name, shape, output_dtype(out_name, stored, dtype), f"{shard.name}: {name} -> ")
-                    sources[out_name] = (shard, name)
+                for piece, index in release_pieces(name, shape):
+                    try:
+                        out_names = rename(piece)
+                    except ValueError as error:
+                        raise CheckpointError(f"{shard.name}: {error}") from error
+                    piece_shape = shape if index is None else shape[1:]
+                    for out_name in out_names:
+                        plan(out_name, piece_shape, output_dtype(out_name, stored, dtype), f"{shard.name}: {name} -> ")
+                        sources[out_name] = (shard, name, index)
     for name, tensor in (new_tensors or {}).items():
         created[name] = tensor.to(dtype or floating or torch.float32)
         plan(name, tensor.shape, created[name].dtype)
@@ -311,8 +330,9 @@ def convert_tensors(
 
 
 def read_planned(names: list[str], planned: dict, sources: dict, created: dict) -> dict[str, torch.Tensor]:
-    """One output shard's tensors, in their planned dtypes, each source shard opened once. Every tensor is a copy:
-    none shares memory with the memory-mapped source or with another (a source tensor may have two names)."""
+    """One output shard's tensors, in their planned dtypes, each source shard opened once (a stacked source is read
+    one expert's slice at a time). Every tensor is a copy: none shares memory with the memory-mapped source or with
+    another (a source tensor may have two names)."""
     tensors = {name: created[name].clone() for name in names if name in created}
     by_shard: dict[Path, list[str]] = {}
     for name in names:
@@ -321,7 +341,9 @@ def read_planned(names: list[str], planned: dict, sources: dict, created: dict) 
     for shard, out_names in by_shard.items():
         with open_shard(shard) as handle:
             for name in out_names:
-                tensors[name] = handle.get_tensor(sources[name][1]).to(planned[name].dtype, copy=True)
+                _, source, index = sources[name]
+                tensor = handle.get_tensor(source) if index is None else handle.get_slice(source)[index]
+                tensors[name] = tensor.to(planned[name].dtype, copy=True)
     return tensors
 
 

@@ -1,7 +1,7 @@
 """NVIDIA's TwoTower release layout <-> this package's layout.
 
     python conversion/convert_nvidia_twotower.py --input RELEASE_DIR --output OUT_DIR [--dtype auto|bfloat16|float32]
-        [--max-shard-size 5GB] [--overwrite] [--reverse]
+        [--max-shard-size 5GB] [--overwrite] [--reverse | --context-tower]
 
 Release -> package writes exactly what `TwoTowerForDiffusionLM.save_pretrained` writes, so the folder loads with
 `TwoTowerForDiffusionLM.from_pretrained(OUT_DIR)`, or anywhere with
@@ -14,7 +14,12 @@ Release -> package writes exactly what `TwoTowerForDiffusionLM.save_pretrained` 
 - the tokenizer files when the input has them, and a model card (README.md).
 
 `--reverse` writes the release's `nemotron_h` config back. Release -> package -> release gives the same tensors bit
-for bit, dtypes included.
+for bit, dtypes included. Both directions read the experts one tensor per expert (the release, and what
+`save_pretrained` writes) or stacked (folders saved before the package wrote one layout).
+
+`--context-tower` writes the frozen context tower alone as a plain Nemotron-H checkpoint (`backbone.*`, `lm_head`,
+a `NemotronHForCausalLM` config): the AR baseline, for transformers' `NemotronHForCausalLM` or any engine serving
+Nemotron-H.
 
 The conversion streams: it holds about one source shard and one output shard in memory, never the model. It writes
 into a temporary folder beside the output and moves it into place at the end, so a failed or interrupted run leaves
@@ -33,6 +38,7 @@ from checkpoint_io import (
     convert_tensors,
     copy_tokenizer_files,
     load_config,
+    nemotron_h_tensor_shapes,
     resolve_dtype,
     run_conversion,
     saved_tensor_shapes,
@@ -41,7 +47,11 @@ from checkpoint_io import (
 
 from transformers_twotower import TwoTowerConfig, TwoTowerGenerationConfig
 from transformers_twotower.card_twotower import model_card as package_model_card
-from transformers_twotower.layout_twotower import release_config_dict
+from transformers_twotower.layout_twotower import (
+    context_tower_config_dict,
+    context_tower_to_backbone,
+    release_config_dict,
+)
 
 
 def model_card(config: TwoTowerConfig, source: str) -> str:
@@ -110,13 +120,43 @@ def convert_package_to_release(
     return copy_checkpoint(input_dir, output_dir, dtype, max_shard_size, overwrite, release_files)
 
 
+def convert_context_tower(
+    input_dir, output_dir, dtype: str = "auto", max_shard_size: str | int = MAX_SHARD_SIZE, overwrite: bool = False
+) -> Path:
+    """A TwoTower folder (either layout) -> a plain Nemotron-H checkpoint of its context tower, the AR baseline that
+    transformers' `NemotronHForCausalLM` and any engine serving Nemotron-H load as it is. Returns the output folder."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    target_dtype = resolve_dtype(dtype)
+    config = load_config(input_dir)
+    if target_dtype is not None:
+        config.dtype = target_dtype
+    with atomic_output_dir(output_dir, overwrite) as work:
+        expected = nemotron_h_tensor_shapes(config)
+        convert_tensors(
+            input_dir, work, context_tower_to_backbone, expected, target_dtype, max_shard_size, str(input_dir)
+        )
+        (work / "config.json").write_text(
+            json.dumps(context_tower_config_dict(config), indent=2, sort_keys=True) + "\n"
+        )
+        copy_tokenizer_files(input_dir, work)
+    return output_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="checkpoint folder to read")
     add_output_arguments(parser)
-    parser.add_argument("--reverse", action="store_true", help="this package's layout -> NVIDIA's release layout")
+    direction = parser.add_mutually_exclusive_group()
+    direction.add_argument("--reverse", action="store_true", help="this package's layout -> NVIDIA's release layout")
+    direction.add_argument(
+        "--context-tower", action="store_true", help="the context tower alone, as a plain Nemotron-H checkpoint"
+    )
     args = parser.parse_args(argv)
-    convert = convert_package_to_release if args.reverse else convert_release_to_package
+    convert = convert_release_to_package
+    if args.reverse:
+        convert = convert_package_to_release
+    elif args.context_tower:
+        convert = convert_context_tower
     return run_conversion(lambda: convert(args.input, args.output, args.dtype, args.max_shard_size, args.overwrite))
 
 

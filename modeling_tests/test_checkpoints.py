@@ -4,6 +4,7 @@ TwoTower), trust_remote_code loading, and the conversions' errors. Every folder 
 import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -291,6 +292,152 @@ def test_nemotron_h_to_twotower(nemotron_h, tmp_path):
     model.train()
     model(ids, labels=ids).loss.backward()
     assert model.denoiser_tower.adaln.t_block[1].weight.grad.abs().sum() > 0
+
+
+# --- one layout on disk ----------------------------------------------------------------------------------------------
+
+EXPERT = re.compile(r"^(?P<experts>.+\.mixer\.experts)\.(?P<index>\d+)\.(?P<projection>up_proj|down_proj)\.weight$")
+
+
+def write_stacked(source: Path, target: Path) -> Path:
+    """A copy of a folder with its experts stacked along a first dimension (`...mixer.experts.up_proj`, the model's
+    own layout), as `save_pretrained` wrote them for a model not loaded from the release before the layout was fixed,
+    and as the bundled demo held them."""
+    shutil.copytree(source, target)
+    for shard in target.glob("model*.safetensors"):
+        tensors, experts = {}, {}
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():
+                match = EXPERT.match(name)
+                if match is None:
+                    tensors[name] = f.get_tensor(name)
+                else:
+                    key = f"{match['experts']}.{match['projection']}"
+                    experts.setdefault(key, {})[int(match["index"])] = f.get_tensor(name)
+        for key, pieces in experts.items():
+            tensors[key] = torch.stack([pieces[i] for i in range(len(pieces))])
+        save_file(tensors, shard, metadata={"format": "pt"})
+    assert not (target / "model.safetensors.index.json").exists(), "the tiny folders are one shard"
+    return target
+
+
+def release_state(model) -> dict[str, torch.Tensor]:
+    """The tensors of `model` under the release's names, as `save_pretrained` writes them."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return {k: v.detach().contiguous() for k, v in revert_weight_conversion(model, model.state_dict()).items()}
+
+
+def assert_same_tensors(folder: Path, expected: dict[str, torch.Tensor]):
+    written = all_tensors(folder)
+    assert written.keys() == expected.keys(), sorted(set(written) ^ set(expected))[:6]
+    for name, tensor in expected.items():
+        assert written[name].dtype == tensor.dtype, name
+        assert torch.equal(written[name].view(torch.uint8), tensor.view(torch.uint8)), name
+
+
+def test_save_pretrained_writes_the_release_layout_whatever_it_read(tmp_path):
+    """A model read from stacked experts is written back one tensor per expert, like any other."""
+    tiny_model(seed=1).save_pretrained(tmp_path / "split")
+    stacked = write_stacked(tmp_path / "split", tmp_path / "stacked")
+    TwoTowerForDiffusionLM.from_pretrained(stacked).save_pretrained(tmp_path / "again")
+    assert_same_tensors(tmp_path / "again", all_tensors(tmp_path / "split"))
+
+
+def test_the_bundled_demo_is_stored_in_the_release_layout():
+    from transformers_twotower.loading_twotower import DEMO_MODEL
+
+    demo = TwoTowerForDiffusionLM.from_pretrained(DEMO_MODEL)
+    assert_same_tensors(Path(DEMO_MODEL), release_state(demo))
+
+
+@pytest.mark.parametrize("source", ["python", "stacked", "demo", "demo_stacked", "nemotron_h"])
+def test_every_folder_the_package_writes_reverses_bit_for_bit(source, nemotron_h, tmp_path):
+    """`--reverse` reads either expert layout and writes the release's tensors, bit for bit, which load back into
+    the same model: a model built in Python and saved, a stacked folder, the demo, a converted Nemotron-H."""
+    from transformers_twotower.loading_twotower import DEMO_MODEL
+
+    if source == "python":
+        tiny_model(seed=1).save_pretrained(folder := tmp_path / "saved")
+    elif source == "stacked":
+        tiny_model(seed=1).save_pretrained(tmp_path / "split")
+        folder = write_stacked(tmp_path / "split", tmp_path / "stacked")
+    elif source.startswith("demo"):
+        folder = Path(DEMO_MODEL) if source == "demo" else write_stacked(Path(DEMO_MODEL), tmp_path / "stacked")
+    else:
+        folder = convert_nemotron_h_to_twotower(nemotron_h[1], tmp_path / "twotower", mask_token_id=3, block_size=4)
+    model = TwoTowerForDiffusionLM.from_pretrained(folder)
+    assert main(["--input", str(folder), "--output", str(tmp_path / "release"), "--reverse"]) == 0
+    assert_same_tensors(tmp_path / "release", release_state(model))
+    config = json.loads((tmp_path / "release" / "config.json").read_text())
+    assert config["model_type"] == "nemotron_h" and config["architectures"] == ["NemotronHTwoTowerForCausalLM"]
+    reloaded = TwoTowerForDiffusionLM.from_pretrained(tmp_path / "release")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("tuning", ["full", "lora"])
+def test_a_fine_tuned_model_reaches_the_release_layout(tuning, tmp_path):
+    """The user's path: a model read from a stacked folder (as the demo was), one training step (all of the denoiser,
+    or a LoRA merged afterwards), `save_pretrained`, `--reverse`; the release folder loads with equal logits."""
+    tiny_model(seed=2).save_pretrained(tmp_path / "split")
+    model = TwoTowerForDiffusionLM.from_pretrained(write_stacked(tmp_path / "split", tmp_path / "stacked"))
+    if tuning == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, init_lora_weights=False))
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids = clean_ids(model, 2, 8)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    model = (model.merge_and_unload() if tuning == "lora" else model).eval()
+    model.save_pretrained(tmp_path / "tuned")
+    assert main(["--input", str(tmp_path / "tuned"), "--output", str(tmp_path / "release"), "--reverse"]) == 0
+    assert_same_tensors(tmp_path / "release", release_state(model))
+    # The release's config has no block size (the release's is 16); the tiny model's is given back to compare.
+    release = TwoTowerForDiffusionLM.from_pretrained(tmp_path / "release", block_size=4).eval()
+    block, t = torch.tensor([[3, 3, 5, 3], [3, 9, 3, 3]]), torch.tensor([0.75, 0.5])
+    with torch.no_grad():
+        assert torch.equal(release(ids).logits, model(ids).logits)
+        assert torch.equal(
+            release.denoise_step(block, release.prefill(ids), t), model.denoise_step(block, model.prefill(ids), t)
+        )
+    untuned = TwoTowerForDiffusionLM.from_pretrained(tmp_path / "split").eval()
+    with torch.no_grad():
+        assert not torch.equal(
+            untuned.denoise_step(block, untuned.prefill(ids), t), model.denoise_step(block, model.prefill(ids), t)
+        )
+
+
+# --- the context tower as a plain Nemotron-H ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["split", "stacked"])
+def test_the_context_tower_exports_as_a_plain_nemotron_h(layout, tmp_path):
+    """`--context-tower` writes a checkpoint transformers' own `NemotronHForCausalLM` loads with nothing missing,
+    giving the TwoTower's AR logits and greedy tokens."""
+    from transformers import NemotronHForCausalLM
+
+    model = tiny_model(seed=4)
+    with torch.no_grad():  # some Mamba dt under transformers' default floor (time_step_min), none under the release's
+        model.context_tower.layers[0].mixer.dt_bias.fill_(-9.0)
+    model.save_pretrained(tmp_path / "split")
+    folder = tmp_path / "split" if layout == "split" else write_stacked(tmp_path / "split", tmp_path / "stacked")
+    word_tokenizer(64).save_pretrained(folder)
+    assert main(["--input", str(folder), "--output", str(tmp_path / "ar"), "--context-tower"]) == 0
+    config = json.loads((tmp_path / "ar" / "config.json").read_text())
+    assert config["model_type"] == "nemotron_h" and config["architectures"] == ["NemotronHForCausalLM"]
+    assert (tmp_path / "ar" / "tokenizer.json").is_file()
+    assert all(name.startswith(("backbone.", "lm_head.")) for name in all_tensors(tmp_path / "ar"))
+    stock, info = NemotronHForCausalLM.from_pretrained(tmp_path / "ar", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    ids = clean_ids(model, 2, 9)
+    with torch.no_grad():  # exact: the same operations; with transformers' floor on dt they differ in the last bits
+        assert torch.equal(stock.eval()(ids).logits.float(), model(ids).logits)
+    greedy = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ours = model.generate(ids, generation_mode="ar", max_new_tokens=6, eos_token_id=None)
+    assert torch.equal(stock.generate(ids, **greedy), ours)
 
 
 # --- errors -----------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from conftest import (
     tiny_model,
 )
 from transformers import GenerationConfig, NemotronHForCausalLM
+from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHTopkRouter
 
 from transformers_twotower import TwoTowerForDiffusionLM, TwoTowerGenerationConfig
 from transformers_twotower.defaults_twotower import GENERATION_MODES
@@ -393,5 +394,36 @@ def test_attentions_and_router_logits_are_the_stock_models():
     for a, b in [*zip(ours.attentions, theirs.attentions), *zip(ours.router_logits, theirs.router_logits)]:
         torch.testing.assert_close(a, b)
     assert model(ids).attentions is None and model(ids).router_logits is None
-    with pytest.raises(ValueError, match="output_router_logits"):
-        model(ids, labels=ids, output_router_logits=True)
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(ids, labels=ids, output_attentions=True)
+
+
+def test_router_logits_follow_the_config_flag_and_an_argument_wins():
+    """`config.output_router_logits` turns them on as in transformers' MoE models (the stock Nemotron-H beside it);
+    an explicit argument wins. With `labels` they are the denoiser's routers', as a hook on each router sees them."""
+    model = tiny_model(seed=0)
+    stock = context_tower_as_nemotron_h(model)
+    ids = clean_ids(model, 2, 8)
+    model.config.output_router_logits = stock.config.output_router_logits = True
+    ours, theirs = model(ids).router_logits, stock(ids).router_logits
+    assert len(ours) == len(theirs) > 0
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+    assert model(ids, output_router_logits=False).router_logits is None
+
+    seen = []
+    routers = [m for m in model.denoiser_tower.modules() if isinstance(m, NemotronHTopkRouter)]
+    hooks = [router.register_forward_hook(lambda module, args, out: seen.append(out[0])) for router in routers]
+    try:
+        trained = model(ids, labels=ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(trained.router_logits) == len(seen) == len(routers) > 0
+    for a, b in zip(trained.router_logits, seen):
+        assert torch.equal(a, b)
+    assert model(ids, labels=ids, output_router_logits=False).router_logits is None
+
+    model.config.output_router_logits = False
+    assert model(ids).router_logits is None and model(ids, labels=ids).router_logits is None
+    assert len(model(ids, output_router_logits=True).router_logits) == len(ours)

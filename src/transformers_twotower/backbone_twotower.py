@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.models.nemotron_h.modeling_nemotron_h import (
     MIXER_TYPES,
@@ -30,6 +31,11 @@ from transformers.models.nemotron_h.modeling_nemotron_h import (
 )
 
 from .configuration_twotower import TwoTowerConfig
+
+
+# What a tower records besides its output when asked, each off: a step of decoding passes these, so that a config
+# that asks for them (`output_router_logits=True`, ...) does not make every step record.
+RECORD_NOTHING = {"output_attentions": False, "output_hidden_states": False, "output_router_logits": False}
 
 
 def package_provides(module: str, name: str) -> bool:
@@ -244,16 +250,23 @@ def block_start_states(
     return conv_starts, torch.stack(ssm_starts, dim=1)
 
 
+def holds_sharded_weights(module: nn.Module) -> bool:
+    """Whether tensor or expert parallelism split some of `module`'s weights across processes (they are DTensors)."""
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
 def compiled_once_per_kind(forward):
     """Mark a block's `forward` as a region compiled once and reused by every block that traces to the same graph
     (`torch.compiler.nested_compile_region`): a compiled decoding step then compiles one block of each kind, however
     deep the towers are. Decoding only (no gradient): the region does not take the in-place writes of a training
-    graph, and eager calls are unchanged."""
+    graph, and eager calls are unchanged. A block with sharded (DTensor) weights, under tensor or expert parallelism,
+    is traced inline: the region does not take tensor subclasses."""
     region = torch.compiler.nested_compile_region(forward)
 
     @functools.wraps(forward)
     def dispatch(self, *args, **kwargs):
-        return forward(self, *args, **kwargs) if torch.is_grad_enabled() else region(self, *args, **kwargs)
+        inline = torch.is_grad_enabled() or (torch.compiler.is_compiling() and holds_sharded_weights(self))
+        return forward(self, *args, **kwargs) if inline else region(self, *args, **kwargs)
 
     return dispatch
 
@@ -273,4 +286,4 @@ class TwoTowerBlock(NemotronHBlock):
         self.mixer = self.mixer_types[self.block_type](config, layer_idx=layer_idx)
 
 
-__all__ = ["TwoTowerBlock", "TwoTowerMamba2Mixer", "TwoTowerPreTrainedModel", "block_start_states"]
+__all__ = ["RECORD_NOTHING", "TwoTowerBlock", "TwoTowerMamba2Mixer", "TwoTowerPreTrainedModel", "block_start_states"]

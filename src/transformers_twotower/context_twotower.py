@@ -22,7 +22,13 @@ from transformers.models.nemotron_h.modeling_nemotron_h import (
     apply_mask_to_padding_states,
 )
 
-from .backbone_twotower import TwoTowerBlock, TwoTowerMamba2Mixer, TwoTowerPreTrainedModel, block_start_states
+from .backbone_twotower import (
+    RECORD_NOTHING,
+    TwoTowerBlock,
+    TwoTowerMamba2Mixer,
+    TwoTowerPreTrainedModel,
+    block_start_states,
+)
 from .configuration_twotower import TwoTowerConfig
 
 
@@ -382,6 +388,7 @@ class TwoTowerContextTower(TwoTowerPreTrainedModel, NemotronHModel):
             attention_mask=None if bool(attention_mask.all()) else attention_mask,
             past_key_values=cache,
             use_cache=True,
+            **RECORD_NOTHING,
         )
         keys = {i: cache.layers[i].keys for i in cache.attention_layers}
         values = {i: cache.layers[i].values for i in cache.attention_layers}

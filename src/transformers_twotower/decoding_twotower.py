@@ -21,6 +21,7 @@ import weakref
 import torch
 from transformers import CompileConfig
 
+from .backbone_twotower import RECORD_NOTHING
 from .context_twotower import DenoiserContext, TwoTowerDecodeState, additive_mask, decode_placement
 
 
@@ -62,7 +63,11 @@ def context_step(
         state.keep_states_behind()
     tower = model.context_tower
     hidden = tower(
-        input_ids=token_ids, attention_mask=masks, past_key_values=state, position_ids=positions[None]
+        input_ids=token_ids,
+        attention_mask=masks,
+        past_key_values=state,
+        position_ids=positions[None],
+        **RECORD_NOTHING,
     ).last_hidden_state
     state.length.add_(length)
     return tower.next_token_logits(hidden[:, -1])
@@ -90,7 +95,8 @@ def denoise_step(
 ) -> torch.Tensor:
     """The denoiser's fp32 logits `(B, L, V)` for a noisy block `(B, L)`, `L <= block_size`, after the state's context
     (one token behind with `behind`: Mock-AR). Nothing of the context is written."""
-    hidden = model.denoiser_tower(block_ids, denoiser_context(state, block_ids.shape[1], behind), t).last_hidden_state
+    context = denoiser_context(state, block_ids.shape[1], behind)
+    hidden = model.denoiser_tower(block_ids, context, t, **RECORD_NOTHING).last_hidden_state
     return model.lm_head(hidden).float()
 
 

@@ -17,14 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_outputs import MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.nemotron_h.modeling_nemotron_h import (
     MIXER_TYPES,
     NemotronHAttention,
     NemotronHRMSNorm,
+    NemotronHTopkRouter,
     eager_attention_forward,
 )
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .backbone_twotower import TwoTowerBlock, TwoTowerMamba2Mixer, TwoTowerPreTrainedModel, compiled_once_per_kind
 from .configuration_twotower import TwoTowerConfig
@@ -256,7 +258,11 @@ class TwoTowerDenoiser(TwoTowerPreTrainedModel):
     `forward(input_ids, context, t)` runs noisy blocks `(B * nb, S)` after a `DenoiserContext` (from
     `decoding_twotower.denoiser_context` or `TwoTowerContextTower.training_context`) and returns their final hidden
     states. `t` `(B * nb,)` is each block's masked fraction, or None for no time conditioning (Mock-AR).
+    `output_router_logits` records every router's logits `(B * nb * S, n_routed_experts)` as Nemotron-H records them
+    (transformers' output hooks; the config's flag when not given); the forward collects hidden states itself.
     """
+
+    _can_record_outputs = {"router_logits": OutputRecorder(NemotronHTopkRouter, index=0)}
 
     def __init__(self, config: TwoTowerConfig):
         super().__init__(config)
@@ -281,13 +287,15 @@ class TwoTowerDenoiser(TwoTowerPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings = value
 
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor,
         context: DenoiserContext,
         t: torch.Tensor | None = None,
         output_hidden_states: bool = False,
-    ) -> BaseModelOutput:
+        **recorded,  # `output_router_logits`, read by `capture_outputs`
+    ) -> MoeModelOutputWithPast:
         hidden = self.embeddings(input_ids)  # (B * nb, S, H)
         modulations = [None] * len(self.layers) if t is None else self.adaln(t)
         all_hidden = [hidden] if output_hidden_states else None
@@ -296,7 +304,9 @@ class TwoTowerDenoiser(TwoTowerPreTrainedModel):
             if output_hidden_states:
                 all_hidden.append(hidden)
         hidden = self.norm_f(hidden)
-        return BaseModelOutput(last_hidden_state=hidden, hidden_states=tuple(all_hidden) if all_hidden else None)
+        return MoeModelOutputWithPast(
+            last_hidden_state=hidden, hidden_states=tuple(all_hidden) if all_hidden else None
+        )
 
 
 __all__ = ["TwoTowerAdaLNSingle", "TwoTowerDenoiser", "TwoTowerTimestepEmbedder"]

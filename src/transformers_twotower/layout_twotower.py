@@ -2,7 +2,9 @@
 
 A TwoTower checkpoint, whether the release or a folder `save_pretrained` wrote, stores:
 
-- the towers under `context_tower.*` and `denoiser_tower.*`, one tensor per MoE expert;
+- the towers under `context_tower.*` and `denoiser_tower.*`, one tensor per MoE expert
+  (`...mixer.experts.{i}.up_proj.weight`); the converters also read experts stacked along a first dimension
+  (`...mixer.experts.up_proj`, the model's own layout), which folders written before the package fixed its layout hold;
 - the denoiser's head as `lm_head` and the context tower's as `context_lm_head` (the model keeps the latter at
   `context_tower.lm_head`);
 - the time conditioning (adaLN-single) at the top level, `t_embedder.*`, `t_block.*`, `scale_shift_tables.*`
@@ -62,6 +64,19 @@ def register_checkpoint_layout(model_type: str):
     register_checkpoint_conversion_mapping(model_type, checkpoint_conversion_mapping(), overwrite=True)
 
 
+_STACKED_EXPERTS = re.compile(r"^(?P<experts>.+\.mixer\.experts)\.(?P<projection>up_proj|down_proj)$")
+
+
+def release_pieces(name: str, shape) -> list[tuple[str, int | None]]:
+    """The release's names for a stored tensor of `shape`: `[(name, None)]` for a tensor stored as the release stores
+    it; for experts stacked along dimension 0 (`...mixer.experts.up_proj`, `(experts, out, in)`), one
+    `(...mixer.experts.{i}.up_proj.weight, i)` per expert, `i` the index along that dimension."""
+    match = _STACKED_EXPERTS.match(name)
+    if match is None:
+        return [(name, None)]
+    return [(f"{match['experts']}.{i}.{match['projection']}.weight", i) for i in range(shape[0])]
+
+
 _BACKBONE_KEY = re.compile(rf"^(?:{'|'.join(BACKBONE_PREFIXES)})\.(?P<rest>.+)$")
 
 
@@ -75,6 +90,17 @@ def backbone_to_towers(name: str) -> list[str]:
         expected = ", ".join(f"{prefix}.*" for prefix in BACKBONE_PREFIXES)
         raise ValueError(f"{name} is not a Nemotron-H backbone tensor (expected {expected} or {LM_HEAD}.weight)")
     return [f"{CONTEXT_TOWER}.{match['rest']}", f"{DENOISER_TOWER}.{match['rest']}"]
+
+
+def context_tower_to_backbone(name: str) -> list[str]:
+    """The name a TwoTower tensor takes in a plain Nemotron-H checkpoint of its context tower (the AR baseline): the
+    context tower under `backbone.`, its head as `lm_head`; the denoiser and the time conditioning are left out
+    (`[]`)."""
+    if name == f"{CONTEXT_HEAD}.weight":
+        return [f"{LM_HEAD}.weight"]
+    if name.startswith(f"{CONTEXT_TOWER}."):
+        return [f"{BACKBONE_PREFIXES[0]}.{name.removeprefix(f'{CONTEXT_TOWER}.')}"]
+    return []
 
 
 def context_tower_as_nemotron_h(model):
@@ -117,4 +143,15 @@ def release_config_dict(config: NemotronHConfig) -> dict:
         time_step_limit=list(config.time_step_limit),
         torch_dtype=str(config.dtype).removeprefix("torch.") if config.dtype is not None else "bfloat16",
     )
+    return values
+
+
+def context_tower_config_dict(config: NemotronHConfig) -> dict:
+    """The `config.json` of a plain Nemotron-H checkpoint holding a TwoTower's context tower: the release's fields,
+    read by transformers' `NemotronHForCausalLM`. transformers clamps the Mamba `dt` from below at `time_step_min`,
+    NVIDIA's code at `time_step_limit[0]`: `time_step_min` is set to the latter, so both compute what the tower
+    computes (otherwise it only sets the range `dt_bias` is initialised in, which a trained checkpoint no longer uses).
+    """
+    values = release_config_dict(config) | {"architectures": ["NemotronHForCausalLM"]}
+    values["time_step_min"] = float(config.time_step_limit[0])
     return values

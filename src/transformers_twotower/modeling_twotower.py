@@ -27,7 +27,7 @@ from .decoding_twotower import DecodeSteps
 from .denoiser_twotower import TwoTowerDenoiser
 from .generation_config_twotower import TwoTowerGenerationConfig
 from .generation_twotower import TwoTowerGenerationMixin
-from .layout_twotower import register_checkpoint_layout
+from .layout_twotower import checkpoint_conversion_mapping, register_checkpoint_layout
 from .training_twotower import masked_diffusion_forward
 
 
@@ -105,6 +105,9 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
     def _finalize_model_loading(model, load_config, loading_info):
         # Loading replaces every parameter with a fresh, trainable one: freeze the context tower again afterwards.
         loading_info = TwoTowerPreTrainedModel._finalize_model_loading(model, load_config, loading_info)
+        # `save_pretrained` writes the release's layout whatever layout was read: transformers keeps only the rules a
+        # load used, so a model read from stacked experts would otherwise be written back stacked.
+        model._weight_conversions = checkpoint_conversion_mapping()
         if model.config.freeze_context_tower:
             model.freeze_context_tower()
         return loading_info
@@ -277,31 +280,37 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         layer; the last one before `norm_f`). `logits_to_keep` keeps the last `n` positions' logits (0: all) or the
         positions a 1-D tensor names, as in Nemotron-H. `use_cache` is accepted and returns no cache: `generate`
         keeps its own (`prefill`). Without `labels`, `output_attentions` (eager attention) and
-        `output_router_logits` return the context tower's, recorded as Nemotron-H records them. `return_dict=False`
-        returns a tuple.
+        `output_router_logits` return the context tower's, recorded as Nemotron-H records them; with `labels`,
+        `output_router_logits` returns the denoiser's (`(B * N', n_routed_experts)` per MoE layer, `N'` the sequence
+        padded to whole blocks). `output_attentions`, `output_hidden_states` and `output_router_logits` default to the
+        config's flags, as in transformers' MoE models. `return_dict=False` returns a tuple.
         """
         ignored = sorted(name for name, value in kwargs.items() if value is not None and value is not False)
         if ignored:
             raise ValueError(f"TwoTower's `forward` does not support {ignored}.")
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        recorded = {"output_attentions": output_attentions, "output_router_logits": output_router_logits}
-        recorded = {name: True for name, value in recorded.items() if value}
+        # An explicit argument wins over the config's flag; the towers are always told (they would read the flag).
+        config = self.config
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_router_logits = config.output_router_logits if output_router_logits is None else output_router_logits
         if labels is not None:
-            if recorded:
+            if output_attentions:
                 raise ValueError(
-                    f"{sorted(recorded)} are returned for the context tower's forward (without `labels`); the "
-                    "diffusion loss does not record them."
+                    "`output_attentions` returns the context tower's attentions (without `labels`); the diffusion "
+                    "loss does not record them. Set it to False (it may come from the config's flag)."
                 )
-            loss, logits, _, hidden_states = masked_diffusion_forward(
-                self, input_ids, labels, attention_mask, noise_mask, generator, output_hidden_states
+            loss, logits, _, hidden_states, router_logits = masked_diffusion_forward(
+                self, input_ids, labels, attention_mask, noise_mask, generator, output_hidden_states,
+                output_router_logits,
+            )  # fmt: skip
+            return MoeCausalLMOutputWithPast(
+                loss=loss, logits=logits, hidden_states=hidden_states, router_logits=router_logits
             )
-            return MoeCausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden_states)
         with torch.no_grad():
             outputs = self.context_tower(
-                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states,
-                use_cache=False,
-                **recorded,
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                output_router_logits=output_router_logits,
             )  # fmt: skip
             hidden = outputs.last_hidden_state
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

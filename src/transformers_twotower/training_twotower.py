@@ -8,10 +8,18 @@ import torch.nn.functional as F
 
 
 def masked_diffusion_forward(
-    model, input_ids, labels, attention_mask=None, noise_mask=None, generator=None, output_hidden_states=False
+    model,
+    input_ids,
+    labels,
+    attention_mask=None,
+    noise_mask=None,
+    generator=None,
+    output_hidden_states=False,
+    output_router_logits=False,
 ):
-    """Block-wise masked-diffusion loss (docs/architecture.md, "Training"). Returns `(loss, logits, noise_mask)`
-    (and the denoiser's hidden states, `(B, N, H)` per layer, or None).
+    """Block-wise masked-diffusion loss (docs/architecture.md, "Training"). Returns `(loss, logits, noise_mask,
+    hidden_states, router_logits)`: the denoiser's hidden states `(B, N, H)` per layer, and its routers' logits
+    `(B * N', n_routed_experts)` per MoE layer (`N'`: `N` padded to whole blocks), each None unless asked for.
 
     Per block, `t ~ U(0, 1]` and each token is masked with probability `t`; positions whose label is -100 are
     never masked (prompt or padding stays clean context). `noise_mask` (B, N) fixes which positions are masked
@@ -46,7 +54,9 @@ def masked_diffusion_forward(
     t = padded_noise.view(batch_size * num_blocks, block_size).float().mean(-1)  # each block's masked fraction
 
     context = model.context_tower.training_context(clean, mask, block_size)
-    outputs = model.denoiser_tower(noisy, context, t, output_hidden_states=output_hidden_states)
+    outputs = model.denoiser_tower(
+        noisy, context, t, output_hidden_states=output_hidden_states, output_router_logits=output_router_logits
+    )
     logits = model.lm_head(outputs.last_hidden_state).float().view(batch_size, num_blocks * block_size, -1)
     logits = logits[:, :length]
     hidden_states = None
@@ -59,7 +69,7 @@ def masked_diffusion_forward(
     targets = labels.masked_fill(~noise_mask, -100)
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
     loss = loss / noise_mask.sum().clamp_min(1)
-    return loss, logits, noise_mask, hidden_states
+    return loss, logits, noise_mask, hidden_states, outputs.router_logits
 
 
 __all__ = ["masked_diffusion_forward"]
