@@ -2,6 +2,7 @@
 
     python -m transformers_twotower bench --synthetic [--layers 26] [--experts 128] [--batch-sizes 1 8 32]
         [--device cuda] [--variants eager cuda_graph compiled] [--prompt-length 512] [--label synthetic]
+        [--ep-size 2 4 8]
 
 Random weights at the release's real widths (hidden 2688, Mamba 64x64 heads, chunk 128, 128 routed experts top-6
 plus the shared expert, 131072-token vocabulary), the first `--layers` of its 52-layer pattern, both towers, built
@@ -23,6 +24,12 @@ its tokens select in each MoE layer, the head, the K/V it attends over and the M
 the memory floor (those bytes over the bandwidth of a large device-to-device copy measured in the same run) and
 time over floor; and the diffusion/AR throughput the step costs imply at 2, 3 and 5 tokens per forward, beside the
 release's 2.42x. Stored under `--label` in `benchmarks/results/step_costs_<device>.json`.
+
+With `--ep-size N [N ...]`, the same steps split over N GPUs by expert parallelism, by arithmetic on the experts the
+step's tokens selected (`expert_parallel_bytes`): the bytes the busiest GPU reads (its share of the distinct experts
+in each MoE layer, plus everything replicated), the half-filled denoiser step over the AR step, and the diffusion/AR
+those bytes imply at 2, 3 and 5 tokens per forward, beside one GPU. Stored under `expert_parallel`. `--variants` with
+no name times nothing (the bytes alone: a CPU can then size the release's widths).
 
 With `--generate`, whole `generate` calls instead (`--new-tokens` tokens after the prompt, greedy, EOS off), per batch
 size and variant (`eager`; `compiled`: `compile=True`, CUDA graphs on CUDA): AR against mask diffusion at a forced 2,
@@ -70,12 +77,35 @@ def synthetic_config(layers: int, experts: int, scale: str):
     )  # fmt: skip
 
 
-def synthetic_model(layers: int, experts: int, scale: str, device: str, dtype: torch.dtype):
-    """Random weights built directly in `dtype` on `device` (never materialised in fp32)."""
+def synthetic_model(layers: int, experts: int, scale: str, device: str, dtype: torch.dtype, one_expert_set=False):
+    """Random weights built directly in `dtype` on `device` (never materialised in fp32). With `one_expert_set`, every
+    MoE layer of both towers holds the same expert tensors (each layer keeps its own router): the release's widths
+    then fit a CPU's memory for counting bytes (which counts every layer's selected experts), not for timing."""
     from transformers_twotower import TwoTowerForDiffusionLM
 
-    with torch.device(device):
-        model = TwoTowerForDiffusionLM._from_config(synthetic_config(layers, experts, scale), dtype=dtype)
+    config = synthetic_config(layers, experts, scale)
+    if not one_expert_set:
+        with torch.device(device):
+            model = TwoTowerForDiffusionLM._from_config(config, dtype=dtype)
+    else:
+        with torch.device("meta"):
+            model = TwoTowerForDiffusionLM._from_config(config, dtype=dtype)
+        towers = (model.context_tower, model.denoiser_tower)
+        moe = [layer.mixer.experts for tower in towers for layer in tower.layers if layer.block_type == "moe"]
+        for experts_module in moe[1:]:
+            experts_module.up_proj, experts_module.down_proj = moe[0].up_proj, moe[0].down_proj
+        made = {}  # one tensor on `device` per distinct meta parameter, so the shared experts stay shared
+        for module in model.modules():
+            for name, parameter in list(module.named_parameters(recurse=False)):
+                if id(parameter) not in made:
+                    made[id(parameter)] = torch.nn.Parameter(torch.empty_like(parameter, device=device))
+                setattr(module, name, made[id(parameter)])
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                module.register_buffer(name, torch.empty_like(buffer, device=device))
+        with torch.no_grad():
+            for tower in towers:
+                tower.apply(tower._init_weights)
+            model.lm_head.weight.normal_(std=config.initializer_range)
     with torch.no_grad():  # routers that spread tokens over the experts, as trained ones do
         for name, parameter in model.named_parameters():
             if name.endswith("gate.weight"):
@@ -144,12 +174,13 @@ def step_bytes(tower, head, run, tokens: int, state, reads_context: int, writes_
     embedding = tower.embeddings.weight
     weights += tokens * embedding.shape[1] * embedding.element_size()
     experts = 0
-    distinct = []
+    distinct, selected = [], []
     for name, chosen in log.selected.items():
         module = tower.get_submodule(name.removesuffix(".gate") + ".experts")
         per_expert = tensor_bytes([module.up_proj[0], module.down_proj[0]])
         experts += len(chosen) * per_expert
         distinct.append(len(chosen))
+        selected.append((sorted(chosen), per_expert, module.up_proj.shape[0]))
     batch = state.key_real.shape[0]
     kv = sum(2 * batch * k.shape[1] * reads_context * k.shape[3] * k.element_size() for k in state.keys.values())
     mamba = tensor_bytes([*state.conv.values(), *state.ssm.values()]) * (2 if writes_states else 1)
@@ -157,7 +188,74 @@ def step_bytes(tower, head, run, tokens: int, state, reads_context: int, writes_
         "bytes": weights + experts + kv + mamba,
         "weight_bytes": weights + experts,
         "distinct_experts_per_moe_layer": round(statistics.mean(distinct), 1) if distinct else 0,
+        "_selected": selected,  # per MoE layer: (expert ids, bytes per expert, experts); dropped before storing
+        "_head": tensor_bytes([head.weight]),
     }
+
+
+def expert_parallel_bytes(step: dict, ranks: int) -> dict:
+    """What the busiest of `ranks` GPUs reads for `step` under expert parallelism: the routed experts split in
+    contiguous ranges of `experts / ranks` (transformers' `grouped_gemm` shards the stacked experts along their first
+    dimension), each rank reading the selected experts it holds; everything else (attention, Mamba, the shared
+    expert, routers, norms, embedding rows, head, K/V, Mamba states) replicated. The ranks meet at every MoE layer
+    (the tokens' outputs are summed across them), so a step costs the busiest rank's share, layer by layer."""
+    replicated = step["bytes"] - sum(len(chosen) * per_expert for chosen, per_expert, _ in step["_selected"])
+    busiest, most = replicated, []
+    for chosen, per_expert, experts in step["_selected"]:
+        if experts % ranks:
+            raise SystemExit(f"error: --ep-size {ranks} does not divide the {experts} experts")
+        per_rank = [0] * ranks
+        for expert in chosen:
+            per_rank[expert // (experts // ranks)] += 1
+        busiest += max(per_rank) * per_expert
+        most.append(max(per_rank))
+    return {
+        "busiest_rank_bytes": busiest,
+        "busiest_rank_experts_per_moe_layer": round(statistics.mean(most), 1) if most else 0,
+    }
+
+
+def tensor_parallel_bytes(step: dict, ranks: int) -> int:
+    """What each of `ranks` GPUs reads for `step` under tensor parallelism: a `1 / ranks` slice of every selected
+    expert and of the head (vocabulary columns), everything else replicated (as under `expert_parallel_bytes`)."""
+    experts = sum(len(chosen) * per_expert for chosen, per_expert, _ in step["_selected"])
+    replicated = step["bytes"] - experts - step["_head"]
+    return replicated + (experts + step["_head"]) // ranks
+
+
+def speedups_by_bytes(cost: dict) -> dict:
+    """Diffusion/AR at 2, 3 and 5 tokens per forward if every step ran at its memory floor (`cost`: bytes per step),
+    with `implied_speedups`' arithmetic."""
+    denoise = (cost["denoise_masked"] + cost["denoise_half"]) / 2
+    return {
+        f"{k}_tokens_per_forward": round(BLOCK * cost["ar_step"] / (BLOCK / k * denoise + cost["extend_block"]), 2)
+        for k in (2, 3, 5)
+    }
+
+
+def expert_parallel_report(batches: dict, ep_sizes) -> dict:
+    """Per batch size, one GPU beside each `--ep-size`: the bytes the busiest GPU reads per step, the half-filled
+    denoiser step over the AR step, and the diffusion/AR those bytes imply (`speedups_by_bytes`)."""
+    steps = ("ar_step", "denoise_masked", "denoise_half", "extend_block")
+    report = {}
+    for batch, entry in batches.items():
+        rows = {}
+        for ranks in (1, *ep_sizes):
+            split = {name: expert_parallel_bytes(entry[name], ranks) for name in steps}
+            cost = {name: split[name]["busiest_rank_bytes"] for name in steps}
+            tp = {name: tensor_parallel_bytes(entry[name], ranks) for name in steps}
+            rows[f"ep_{ranks}"] = {
+                "steps": split,
+                "denoise_half_over_ar": round(cost["denoise_half"] / cost["ar_step"], 2),
+                "implied_speedup_by_bytes": speedups_by_bytes(cost),
+                "tensor_parallel": {
+                    "bytes_per_rank": tp,
+                    "denoise_half_over_ar": round(tp["denoise_half"] / tp["ar_step"], 2),
+                    "implied_speedup_by_bytes": speedups_by_bytes(tp),
+                },
+            }
+        report[batch] = rows
+    return report
 
 
 def timed(fn, device: str, repeats: int, calls: int) -> float:
@@ -403,25 +501,41 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--scale", choices=["real", "small"], default="real")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--variants", nargs="+", choices=["eager", "cuda_graph", "compiled"])
+    parser.add_argument(
+        "--variants", nargs="*", choices=["eager", "cuda_graph", "compiled"], help="none: bytes only, no timing"
+    )
     parser.add_argument("--prompt-length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--label", help="default: synthetic_<scale>_<layers>_layers")
     parser.add_argument("--generate", action="store_true", help="time whole generate calls (see above)")
     parser.add_argument("--new-tokens", type=int, default=64, help="with --generate: tokens per call")
     parser.add_argument("--no-store", action="store_true", help="print only")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="auto: bf16 on CUDA")
+    parser.add_argument(
+        "--ep-size", type=int, nargs="+", default=[], metavar="N",
+        help="also report, per step, the bytes the busiest of N GPUs reads under expert parallelism (see above)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if any(n < 1 for n in args.ep_size):
+        raise SystemExit(f"error: --ep-size must be positive, got {args.ep_size}")
     if not 1 <= args.layers <= len(RELEASE_PATTERN):
         raise SystemExit(f"error: --layers must be in [1, {len(RELEASE_PATTERN)}], got {args.layers}")
     on_cuda = args.device.startswith("cuda")
     if on_cuda and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available")
-    variants = args.variants or (["eager", "cuda_graph", "compiled"] if on_cuda else ["eager", "compiled"])
+    variants = args.variants
+    if variants is None:
+        variants = ["eager", "cuda_graph", "compiled"] if on_cuda else ["eager", "compiled"]
     if "cuda_graph" in variants and not on_cuda:
         raise SystemExit("error: the cuda_graph variant needs --device cuda")
-    dtype = torch.bfloat16 if on_cuda else torch.float32
+    dtype = {
+        "auto": torch.bfloat16 if on_cuda else torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float32": torch.float32,
+    }[args.dtype]
     began = time.perf_counter()
-    model = synthetic_model(args.layers, args.experts, args.scale, args.device, dtype)
+    bytes_only = not variants and not args.generate
+    model = synthetic_model(args.layers, args.experts, args.scale, args.device, dtype, one_expert_set=bytes_only)
     parameters = sum(p.numel() for p in model.parameters())
     bandwidth = copy_bandwidth(args.device, 4096 if on_cuda else 256)
     with torch.no_grad():
@@ -436,9 +550,14 @@ def main(argv=None) -> int:
                     entry[variant]["predicted_by_step_costs"] = predicted_speedups(
                         batches[batch], variant, entry[variant]["tokens_per_forward"]
                     )
+    expert_parallel = expert_parallel_report(batches, args.ep_size) if args.ep_size else None
+    for entry in batches.values():
+        for name in ("ar_step", "denoise_masked", "denoise_half", "extend_block"):
+            del entry[name]["_selected"], entry[name]["_head"]
     result = {
         "model": f"synthetic {args.scale}: {args.layers} layers, {args.experts} experts, {parameters / 1e9:.2f}B "
-        f"parameters, {str(dtype).removeprefix('torch.')}",
+        f"parameters, {str(dtype).removeprefix('torch.')}"
+        + (", one expert set shared by the MoE layers (bytes only)" if bytes_only else ""),
         "device": torch.cuda.get_device_name() if on_cuda else "cpu",
         "torch": torch.__version__,
         **package_versions(),
@@ -447,9 +566,12 @@ def main(argv=None) -> int:
         "repeats": args.repeats,
         "bandwidth_gb_s": round(bandwidth / 1e9, 1),
         "batches": batches,
+        **({"expert_parallel": expert_parallel} if expert_parallel else {}),
         "seconds": round(time.perf_counter() - began, 1),
     }
     print_table(result, variants)
+    if expert_parallel:
+        print_expert_parallel_table(expert_parallel)
     label = args.label or f"synthetic_{args.scale}_{args.layers}_layers"
     if args.generate:
         generate_result = {**{k: v for k, v in result.items() if k != "batches"}, "new_tokens": args.new_tokens,
@@ -460,6 +582,30 @@ def main(argv=None) -> int:
     if not args.no_store:
         print(f"wrote {store(result, args.device, label)}")
     return 0
+
+
+def print_expert_parallel_table(report: dict):
+    print("\nexpert parallelism, by bytes: what the busiest GPU reads per step (MB), experts it reads per MoE layer")
+    for batch, rows in report.items():
+        print(f"{batch}:")
+        print(
+            f"  {'GPUs':>6} " + " ".join(f"{name:>20}" for name in rows["ep_1"]["steps"]) + "  half/AR  diffusion/AR"
+        )
+        for ranks, row in rows.items():
+            cells = [
+                f"{step['busiest_rank_bytes'] / 1e6:10.1f} ({step['busiest_rank_experts_per_moe_layer']:5.1f})"
+                for step in row["steps"].values()
+            ]
+            implied = "  ".join(f"{v:4.2f}" for v in row["implied_speedup_by_bytes"].values())
+            print(f"  {ranks.removeprefix('ep_'):>6} " + " ".join(f"{c:>20}" for c in cells)
+                  + f"  {row['denoise_half_over_ar']:6.2f}x  {implied} (2/3/5 tokens per forward)")  # fmt: skip
+        print("  tensor parallelism over the same GPUs, for comparison (MB per GPU):")
+        for ranks, row in list(rows.items())[1:]:
+            tp = row["tensor_parallel"]
+            cells = [f"{value / 1e6:10.1f}" for value in tp["bytes_per_rank"].values()]
+            implied = "  ".join(f"{v:4.2f}" for v in tp["implied_speedup_by_bytes"].values())
+            print(f"  {ranks.removeprefix('ep_'):>6} " + " ".join(f"{c:>20}" for c in cells)
+                  + f"  {tp['denoise_half_over_ar']:6.2f}x  {implied}")  # fmt: skip
 
 
 def print_generate_table(result: dict):

@@ -34,6 +34,7 @@ from transformers.core_model_loading import revert_weight_conversion
 from transformers.dynamic_module_utils import custom_object_save
 
 from transformers_twotower import TwoTowerConfig, TwoTowerForDiffusionLM
+from transformers_twotower.modeling_twotower import add_auto_model
 from transformers_twotower.layout_twotower import BACKBONE_PREFIXES, release_pieces
 
 
@@ -257,6 +258,7 @@ def write_model_files(work: Path, config: TwoTowerConfig, source: Path, card: st
     config.architectures = [type(model).__name__]
     if dtype is not None:
         config.dtype = dtype
+    add_auto_model(config)
     custom_object_save(model, work, config=config)  # the modeling code and its relative imports, `auto_map`
     config.save_pretrained(work)  # also copies configuration_twotower.py and adds AutoConfig to `auto_map`
     model.generation_config.save_pretrained(work)

@@ -132,6 +132,7 @@ def test_save_pretrained_writes_the_release_layout_and_the_code(saved):
     config = json.loads((saved / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_twotower.TwoTowerConfig",
+        "AutoModel": "modeling_twotower.TwoTowerForDiffusionLM",
         "AutoModelForCausalLM": "modeling_twotower.TwoTowerForDiffusionLM",
     }
 
@@ -214,7 +215,7 @@ REMOTE_CODE_CHECK = textwrap.dedent(
     assert importlib.util.find_spec("transformers_twotower") is None, "the package must not be importable here"
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, pipeline
 
     folder, fixture = sys.argv[1], sys.argv[2]
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
@@ -231,7 +232,16 @@ REMOTE_CODE_CHECK = textwrap.dedent(
     out = model.generate_mask_diffusion(prompt, **run["kwargs"])
     assert out[0].tolist() == run["output_ids"]
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    # AutoModel returns the whole model (auto_map names it, as the package's registration does).
+    plain = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    assert type(plain) is type(model) and torch.equal(plain(prompt).logits, model(prompt).logits)
+
+    # The model card's tokenizer line, exactly as the card writes it.
+    line = next(l for l in open(folder + "/README.md").read().splitlines() if l.startswith("tokenizer = AutoTokenizer"))
+    scope = {"AutoTokenizer": AutoTokenizer, "path": folder}
+    exec(line, scope)
+    tokenizer = scope["tokenizer"]
+    assert tokenizer.padding_side == "left"
     special = ["<pad>", "<s>", "</s>", "<mask>"]
     text = " ".join(special[i] if i < 4 else f"w{i}" for i in expected["prompts"]["main"])
     assert tokenizer(text, add_special_tokens=False).input_ids == expected["prompts"]["main"]
@@ -248,13 +258,18 @@ REMOTE_CODE_CHECK = textwrap.dedent(
 
 @pytest.mark.slow
 def test_a_saved_folder_loads_anywhere_with_trust_remote_code(saved, tmp_path):
-    """What `save_pretrained` writes (and so what the conversion writes) runs where this package is not installed."""
+    """What `save_pretrained` writes (and so what the conversion writes) runs where this package is not installed, in
+    a fresh interpreter: AutoConfig, AutoModelForCausalLM, AutoModel, the card's tokenizer line (no question asked:
+    stdin is closed, and no warning), pipeline."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
     result = subprocess.run(
         [sys.executable, "-c", REMOTE_CODE_CHECK, str(saved), str(RELEASE_FIXTURE)],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, stdin=subprocess.DEVNULL,
     )  # fmt: skip
-    assert result.returncode == 0 and "remote code OK" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "remote code OK" in result.stdout, output[-6000:]
+    for unwanted in ("Do you wish to run the custom code", "to instantiate a model of type"):
+        assert unwanted not in output, output[-6000:]
 
 
 # --- Nemotron-H -> TwoTower -------------------------------------------------------------------------------------------

@@ -98,6 +98,30 @@ def test_bench_synthetic_small(capsys, monkeypatch):
     assert ar["floor_ms"] == round(ar["bytes"] / 1e9 * 1e3, 4) and ar["eager_ms"] > 0
 
 
+def test_bench_expert_parallel_arithmetic(capsys, monkeypatch):
+    """`--ep-size`: the busiest GPU reads its share of the selected experts (contiguous ranges of experts, as
+    `grouped_gemm` shards them) plus everything replicated; tensor parallelism a `1 / N` slice of every selected
+    expert and of the head. On a hand-made step, then end to end at a small width (bytes only, nothing timed)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_steps
+
+    # 8 experts of 10 bytes; the step selected 0, 1, 2, 5 in one MoE layer and 3, 6, 7 in the other; head 50 bytes.
+    step = {"bytes": 1000 + 50 + 70, "_head": 50, "_selected": [([0, 1, 2, 5], 10, 8), ([3, 6, 7], 10, 8)]}
+    busiest = {n: bench_steps.expert_parallel_bytes(step, n)["busiest_rank_bytes"] for n in (1, 2, 4, 8)}
+    # 2 GPUs hold 0-3 | 4-7: 3 and 2 experts on the busiest; 4 GPUs hold pairs: 2 and 2; 8 GPUs: 1 and 1.
+    assert busiest == {1: 1120, 2: 1050 + 50, 4: 1050 + 40, 8: 1050 + 20}
+    assert bench_steps.tensor_parallel_bytes(step, 2) == 1000 + (70 + 50) // 2
+    with pytest.raises(SystemExit, match="does not divide"):
+        bench_steps.expert_parallel_bytes(step, 3)
+
+    assert main(["bench", "--synthetic", "--scale", "small", "--layers", "6", "--experts", "8", "--batch-sizes", "1",
+                 "--device", "cpu", "--prompt-length", "32", "--variants", "--ep-size", "2", "8", "--no-store"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "one expert set shared by the MoE layers (bytes only)" in out and "expert parallelism, by bytes" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().split(" ")[0] in {"1", "2", "8"}]
+    assert [row[0] for row in rows[:3]] == ["1", "2", "8"], out
+
+
 def test_bench_demo_runs(tmp_path, capsys):
     """The demo benchmark end to end on two prompts (it counts the context tower's tokens through a hook on its
     forward; an earlier form patched a method the one decoding path removed, and failed)."""

@@ -167,14 +167,28 @@ def test_the_local_task_runs_through_simple_evaluate(demo, stock, monkeypatch):
 
 @pytest.mark.slow
 def test_lm_eval_command_line_knows_twotower(tmp_path):
-    """`twotower lm_eval ...` is lm-eval's own command line with the model registered."""
+    """`twotower lm_eval ...` is lm-eval's own command line with the model registered, run as the docs write it but
+    without `--device`: on this machine without CUDA it picks the CPU (lm-eval's own default is `cuda:0`)."""
     command = [sys.executable, "-m", "transformers_twotower", "lm_eval", "--model", "twotower",
                "--model_args", f"pretrained={DEMO_MODEL},generation_mode=ar", "--tasks", "code_choice",
-               "--include_path", str(TASK_DIR), "--limit", "4", "--device", "cpu", "--output_path", str(tmp_path)]  # fmt: skip
+               "--include_path", str(TASK_DIR), "--limit", "4", "--output_path", str(tmp_path)]  # fmt: skip
     done = subprocess.run(command, cwd=TASK_DIR, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     written = list(tmp_path.rglob("results_*.json"))
     assert written and "code_choice" in json.loads(written[0].read_text())["results"]
+
+
+@pytest.mark.parametrize("machine", ["cpu", "cuda"])
+def test_lm_eval_gets_the_machines_device_unless_one_is_named(machine, monkeypatch):
+    import transformers_twotower.__main__ as cli
+
+    monkeypatch.setattr(cli, "machine_device", lambda: machine)
+    tasks = ["--model", "twotower", "--tasks", "code_choice"]
+    assert cli.with_machine_device(tasks) == [*tasks, "--device", machine]
+    for named in (["--device", "cpu"], ["--device=cuda:1"], ["--model_args", "pretrained=x,device=cpu"],
+                  ["--model_args=pretrained=x,device=mps"]):  # fmt: skip
+        assert cli.with_machine_device([*tasks, *named]) == [*tasks, *named]
+    assert cli.with_machine_device([*tasks, "--model_args", "device_map=auto"])[-1] == machine
 
 
 def test_the_comparison_command_writes_its_table(demo, stock, tmp_path, monkeypatch):

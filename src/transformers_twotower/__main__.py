@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .defaults_twotower import GENERATION_MODES, MODEL_GENERATION_DEFAULTS
-from .loading_twotower import DEMO_MODEL, DTYPES, load
+from .loading_twotower import DEMO_MODEL, DTYPES, load, machine_device
 
 
 def positive_int(text: str) -> int:
@@ -69,15 +69,26 @@ def bench(argv: list[str]) -> int:
     return runpy.run_path(str(checkout / script), run_name=script.removesuffix(".py"))["main"](argv)
 
 
+def with_machine_device(argv: list[str]) -> list[str]:
+    """lm-eval's arguments, given the device this machine has when they name none (lm-eval's default is `cuda:0`,
+    also on a machine without CUDA). A device in `--model_args` counts as named."""
+    options = dict(arg.split("=", 1) for arg in argv if arg.startswith("--") and "=" in arg)
+    options |= {arg: value for arg, value in zip(argv, argv[1:]) if arg.startswith("--")}
+    model_args = {pair.split("=", 1)[0].strip() for pair in options.get("--model_args", "").split(",")}
+    named = "--device" in options or "--device" in argv or "device" in model_args
+    return argv if named else [*argv, "--device", machine_device()]
+
+
 def lm_eval(argv: list[str]) -> int:
-    """lm-eval 0.4 looks models up in its own registry only: register `twotower`, then run its command line."""
+    """lm-eval 0.4 looks models up in its own registry only: register `twotower`, then run its command line (on the
+    machine's device unless one is named)."""
     try:
         from lm_eval.__main__ import cli_evaluate
     except ImportError:
         raise SystemExit('error: lm_eval needs the [eval] extra: pip install "transformers-twotower[eval]"')
     from . import lm_eval_twotower  # noqa: F401  (registers the model)
 
-    sys.argv = ["lm_eval", *argv]
+    sys.argv = ["lm_eval", *with_machine_device(argv)]
     cli_evaluate()
     return 0
 

@@ -53,14 +53,16 @@ and starting its Mamba scans from the context tower's states.
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype="auto", device_map="auto")
-tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", trust_remote_code=True)
 inputs = tokenizer(["The capital of France is"], return_tensors="pt").to(model.device)
 out = model.generate(**inputs)                                  # mask diffusion, with the defaults below
 out = model.generate(**inputs, generation_mode="ar")            # the autoregressive baseline (context tower alone)
 ```
 
-With the `transformers-twotower` package installed, `TwoTowerForDiffusionLM.from_pretrained(path)` needs no remote
-code.
+`AutoModel` loads the same model. The tokenizer line passes `trust_remote_code=True` too: transformers reads the
+model's configuration (TwoTower's own class, in this folder) before the tokenizer, and would otherwise ask whether
+to run it. With the `transformers-twotower` package installed, `TwoTowerForDiffusionLM.from_pretrained(path)` needs
+no remote code.
 
 ## Generation defaults
 

@@ -28,7 +28,7 @@ from lm_eval.models.utils import Collator, normalize_gen_kwargs, postprocess_gen
 from transformers import AutoTokenizer
 
 from .defaults_twotower import MODEL_GENERATION_DEFAULTS
-from .loading_twotower import load
+from .loading_twotower import load, machine_device
 from .modeling_twotower import TwoTowerForDiffusionLM
 
 
@@ -40,14 +40,15 @@ class TwoTowerLM(TemplateLM):
         tokenizer=None,
         generation_mode: str = MODEL_GENERATION_DEFAULTS["generation_mode"],
         dtype: str = "auto",
-        device: str = "cpu",
+        device: str | None = None,
         batch_size: int | str = 1,
         max_length: int | None = None,
         **generation_fields,
     ):
         super().__init__()
         if isinstance(pretrained, str):
-            loaded, self.model = load(pretrained, device, dtype)  # as the command lines load a folder
+            # As the command lines load a folder; on the machine's device unless one is given.
+            loaded, self.model = load(pretrained, device or machine_device(), dtype)
             self.tokenizer = tokenizer or loaded
         else:
             self.model = pretrained.eval()

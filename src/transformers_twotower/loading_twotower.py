@@ -1,11 +1,21 @@
 """Loading a TwoTower folder for the command lines and the evaluation harness, with one-line errors that name what
-is missing: the model and tokenizer (`load`), the device (`check_device`), the dtype names the commands accept."""
+is missing: the model and tokenizer (`load`), the device (`check_device`, and `machine_device` when none is given),
+the dtype names the commands accept."""
 
 from pathlib import Path
 
 
 DEMO_MODEL = Path(__file__).parent / "demo"
 DTYPES = ("auto", "float32", "bfloat16")
+
+
+def machine_device() -> str:
+    """The device to run on when none is given: CUDA where torch sees a GPU, else Apple's MPS, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def check_device(device: str):
@@ -47,4 +57,4 @@ def load(model_dir: str | Path, device: str, dtype: str):
     return tokenizer, model
 
 
-__all__ = ["DEMO_MODEL", "DTYPES", "check_device", "load"]
+__all__ = ["DEMO_MODEL", "DTYPES", "check_device", "load", "machine_device"]

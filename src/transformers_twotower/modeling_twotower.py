@@ -91,8 +91,10 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
     # Module plumbing
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """transformers' `save_pretrained`, plus a Hub model card (`README.md`, see `card_twotower.model_card`) when
-        the folder has none: a card written by hand or by a conversion script is kept."""
+        """transformers' `save_pretrained`, plus `AutoModel` in `auto_map` (`add_auto_model`) and a Hub model card
+        (`README.md`, see `card_twotower.model_card`) when the folder has none: a card written by hand or by a
+        conversion script is kept."""
+        add_auto_model(self.config)
         super().save_pretrained(save_directory, *args, **kwargs)
         card = Path(save_directory) / "README.md"
         if kwargs.get("is_main_process", True) and not card.exists():
@@ -338,4 +340,13 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
 
 TwoTowerForDiffusionLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["TwoTowerForDiffusionLM", "TwoTowerPreTrainedModel", "two_tower_device_map"]
+
+def add_auto_model(config: TwoTowerConfig):
+    """Name `TwoTowerForDiffusionLM` for `AutoModel` too in the `auto_map` a saved folder gets, beside
+    `AutoModelForCausalLM` (transformers writes one auto class per model class). `AutoModel.from_pretrained(folder,
+    trust_remote_code=True)` then returns the whole model, as the installed package's registration does: neither
+    tower is a model by itself (the context tower alone is a plain Nemotron-H, `--context-tower` writes it)."""
+    entry = f"{TwoTowerForDiffusionLM.__module__.rpartition('.')[2]}.{TwoTowerForDiffusionLM.__name__}"
+    config.auto_map = {**(getattr(config, "auto_map", None) or {}), "AutoModel": entry}
+
+__all__ = ["TwoTowerForDiffusionLM", "TwoTowerPreTrainedModel", "add_auto_model", "two_tower_device_map"]
