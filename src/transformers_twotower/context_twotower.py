@@ -283,9 +283,12 @@ class TwoTowerDecodeState:
         self.ssm[layer_idx].copy_(ssm)
 
     def keep_states_behind(self):
-        for i in self.conv_behind:
-            self.conv_behind[i].copy_(self.conv[i])
-            self.ssm_behind[i].copy_(self.ssm[i])
+        """Copy the Mamba states to the ones behind, before a step writes the next (one launch on CUDA)."""
+        if self.conv_behind:
+            torch._foreach_copy_(
+                [*self.conv_behind.values(), *self.ssm_behind.values()],
+                [*(self.conv[i] for i in self.conv_behind), *(self.ssm[i] for i in self.ssm_behind)],
+            )
 
 
 class TwoTowerCache(DynamicCache):

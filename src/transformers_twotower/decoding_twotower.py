@@ -43,11 +43,10 @@ def visible_keys(
 
 
 def context_step(
-    model, state: TwoTowerDecodeState, token_ids: torch.LongTensor, token_mask: torch.Tensor | None, keep_behind: bool
+    model, state: TwoTowerDecodeState, token_ids: torch.LongTensor, token_mask: torch.Tensor | None
 ) -> torch.Tensor:
     """Append tokens `(B, L)` to the state (the prompt, with `token_mask` 0 at its left padding; a committed block; one
-    AR token) through the context tower's forward, and return the next-token logits after them, `(B, V)` fp32. With
-    `keep_behind`, the Mamba states before these tokens are kept (Mock-AR reads them).
+    AR token) through the context tower's forward, and return the next-token logits after them, `(B, V)` fp32.
 
     The logits are computed even where nothing reads them (extensions in mask diffusion and Mock-AR): a graph that
     returns nothing but its in-place writes was miscompiled by inductor (wrong tokens on the fixture; torch 2.13)."""
@@ -59,8 +58,6 @@ def context_step(
         "full_attention": visible_keys(state.key_real, positions, 0, state.dtype),
         "linear_attention": token_mask,  # zeroes left padding in the scans
     }
-    if keep_behind:
-        state.keep_states_behind()
     tower = model.context_tower
     hidden = tower(
         input_ids=token_ids,
@@ -150,8 +147,12 @@ class DecodeSteps:
         length = token_ids.shape[1]
         state.check_room(length, what)
         keep_behind = keep_behind and state.keep_behind and length == 1
+        if keep_behind:
+            # Outside the compiled step: a graph that reads a Mamba state before the block region writes it in place
+            # dropped that write under inductor (Mock-AR's tokens went wrong; torch 2.13, `nested_compile_region`).
+            state.keep_states_behind()
         # A column sliced from the growing sequences has a stride that changes every step; graphs key on strides.
-        logits = self.context_function(self.model, state, token_ids.contiguous(), token_mask, keep_behind)
+        logits = self.context_function(self.model, state, token_ids.contiguous(), token_mask)
         state.written(length, logits, keep_behind)
         return logits
 
