@@ -223,35 +223,45 @@ def tensor_parallel_bytes(step: dict, ranks: int) -> int:
     return replicated + (experts + step["_head"]) // ranks
 
 
-def speedups_by_bytes(cost: dict) -> dict:
-    """Diffusion/AR at 2, 3 and 5 tokens per forward if every step ran at its memory floor (`cost`: bytes per step),
-    with `implied_speedups`' arithmetic."""
+STEPS = ("ar_step", "denoise_masked", "denoise_half", "extend_block")
+
+
+def speedup_from_costs(cost: dict, tokens_per_forward: float) -> float:
+    """Diffusion over AR throughput at `tokens_per_forward`, from each step's cost (its time, or its bytes if every
+    step ran at its memory floor): a block of 16 costs 16 AR steps, or 16 / k denoiser steps (the mean of the
+    all-masked and half-filled ones) and one extension."""
     denoise = (cost["denoise_masked"] + cost["denoise_half"]) / 2
-    return {
-        f"{k}_tokens_per_forward": round(BLOCK * cost["ar_step"] / (BLOCK / k * denoise + cost["extend_block"]), 2)
-        for k in (2, 3, 5)
-    }
+    return round(BLOCK * cost["ar_step"] / (BLOCK / tokens_per_forward * denoise + cost["extend_block"]), 2)
+
+
+def speedups_from_costs(cost: dict) -> dict:
+    return {f"{k}_tokens_per_forward": speedup_from_costs(cost, k) for k in (2, 3, 5)}
+
+
+def step_times(entry: dict, variant: str) -> dict | None:
+    """Each step's measured time for `variant`, or None where a step was not measured."""
+    key = f"{variant}_ms"
+    return {name: entry[name][key] for name in STEPS} if all(key in entry[name] for name in STEPS) else None
 
 
 def expert_parallel_report(batches: dict, ep_sizes) -> dict:
     """Per batch size, one GPU beside each `--ep-size`: the bytes the busiest GPU reads per step, the half-filled
-    denoiser step over the AR step, and the diffusion/AR those bytes imply (`speedups_by_bytes`)."""
-    steps = ("ar_step", "denoise_masked", "denoise_half", "extend_block")
+    denoiser step over the AR step, and the diffusion/AR those bytes imply (`speedups_from_costs`)."""
     report = {}
     for batch, entry in batches.items():
         rows = {}
         for ranks in (1, *ep_sizes):
-            split = {name: expert_parallel_bytes(entry[name], ranks) for name in steps}
-            cost = {name: split[name]["busiest_rank_bytes"] for name in steps}
-            tp = {name: tensor_parallel_bytes(entry[name], ranks) for name in steps}
+            split = {name: expert_parallel_bytes(entry[name], ranks) for name in STEPS}
+            cost = {name: split[name]["busiest_rank_bytes"] for name in STEPS}
+            tp = {name: tensor_parallel_bytes(entry[name], ranks) for name in STEPS}
             rows[f"ep_{ranks}"] = {
                 "steps": split,
                 "denoise_half_over_ar": round(cost["denoise_half"] / cost["ar_step"], 2),
-                "implied_speedup_by_bytes": speedups_by_bytes(cost),
+                "implied_speedup_by_bytes": speedups_from_costs(cost),
                 "tensor_parallel": {
                     "bytes_per_rank": tp,
                     "denoise_half_over_ar": round(tp["denoise_half"] / tp["ar_step"], 2),
-                    "implied_speedup_by_bytes": speedups_by_bytes(tp),
+                    "implied_speedup_by_bytes": speedups_from_costs(tp),
                 },
             }
         report[batch] = rows
@@ -415,29 +425,14 @@ def measure_generate(model, batch_sizes, variants, prompt_length: int, new_token
 
 
 def predicted_speedups(step_entry: dict, variant: str, rates: dict) -> dict:
-    """Diffusion/AR that the step costs imply at the measured tokens per forward (see `implied_speedups`)."""
-    key = f"{variant}_ms"
-    if not all(key in step_entry[name] for name in ("ar_step", "denoise_masked", "denoise_half", "extend_block")):
-        return {}
-    denoise = (step_entry["denoise_masked"][key] + step_entry["denoise_half"][key]) / 2
-    ar = BLOCK * step_entry["ar_step"][key]
-    return {name: round(ar / (BLOCK / k * denoise + step_entry["extend_block"][key]), 2) for name, k in rates.items()}
+    """Diffusion/AR that the step costs imply at the measured tokens per forward (`speedup_from_costs`)."""
+    times = step_times(step_entry, variant)
+    return {name: speedup_from_costs(times, k) for name, k in rates.items()} if times else {}
 
 
 def implied_speedups(entry: dict, variants) -> dict:
-    """Diffusion over AR throughput at k tokens per forward: a block of 16 costs 16 AR steps, or 16 / k denoiser
-    steps (the mean of the all-masked and half-filled ones) and one extension."""
-    implied = {}
-    for variant in variants:
-        key = f"{variant}_ms"
-        if all(key in entry[name] for name in ("ar_step", "denoise_masked", "denoise_half", "extend_block")):
-            denoise = (entry["denoise_masked"][key] + entry["denoise_half"][key]) / 2
-            ar = BLOCK * entry["ar_step"][key]
-            implied[variant] = {
-                f"{k}_tokens_per_forward": round(ar / (BLOCK / k * denoise + entry["extend_block"][key]), 2)
-                for k in (2, 3, 5)
-            }
-    return implied
+    """`speedups_from_costs` on each variant's measured step times."""
+    return {variant: speedups_from_costs(times) for variant in variants if (times := step_times(entry, variant))}
 
 
 def print_table(result: dict, variants):
@@ -447,7 +442,7 @@ def print_table(result: dict, variants):
         print(
             f"  {'step':>15} {'MB read':>9} {'experts':>8} {'floor ms':>9} " + " ".join(f"{v:>18}" for v in variants)
         )
-        for name in ("ar_step", "denoise_masked", "denoise_half", "extend_block"):
+        for name in STEPS:
             row = entry[name]
             cells = [
                 f"{row[f'{v}_ms']:8.3f} ({row[f'{v}_over_floor']:5.1f}x)" if f"{v}_ms" in row else f"{'-':>18}"
@@ -552,7 +547,7 @@ def main(argv=None) -> int:
                     )
     expert_parallel = expert_parallel_report(batches, args.ep_size) if args.ep_size else None
     for entry in batches.values():
-        for name in ("ar_step", "denoise_masked", "denoise_half", "extend_block"):
+        for name in STEPS:
             del entry[name]["_selected"], entry[name]["_head"]
     result = {
         "model": f"synthetic {args.scale}: {args.layers} layers, {args.experts} experts, {parameters / 1e9:.2f}B "

@@ -34,8 +34,8 @@ from transformers.core_model_loading import revert_weight_conversion
 from transformers.dynamic_module_utils import custom_object_save
 
 from transformers_twotower import TwoTowerConfig, TwoTowerForDiffusionLM
-from transformers_twotower.modeling_twotower import add_auto_model
 from transformers_twotower.layout_twotower import BACKBONE_PREFIXES, release_pieces
+from transformers_twotower.modeling_twotower import add_auto_model
 
 
 INDEX_NAME = "model.safetensors.index.json"

@@ -18,8 +18,8 @@ for bit, dtypes included. Both directions read the experts one tensor per expert
 `save_pretrained` writes) or stacked (folders saved before the package wrote one layout).
 
 `--context-tower` writes the frozen context tower alone as a plain Nemotron-H checkpoint (`backbone.*`, `lm_head`,
-a `NemotronHForCausalLM` config): the AR baseline, for transformers' `NemotronHForCausalLM` or any engine serving
-Nemotron-H.
+a `NemotronHForCausalLM` config): the AR baseline, for transformers' `NemotronHForCausalLM` (and engines that
+read Nemotron-H checkpoints; not tried here).
 
 The conversion streams: it holds about one source shard and one output shard in memory, never the model. It writes
 into a temporary folder beside the output and moves it into place at the end, so a failed or interrupted run leaves
@@ -80,18 +80,35 @@ NVIDIA Open Model License, as the original release."""
     return str(card)
 
 
-def copy_checkpoint(input_dir, output_dir, dtype: str, max_shard_size: str | int, overwrite: bool, write_files):
-    """Both directions: the tensor names are the same in the release and in this package's folders (the layout
-    `save_pretrained` writes), so the tensors pass through as they are, resharded and perhaps cast; only the files
-    around them (`write_files(work, config, input_dir, dtype)`) differ."""
+def copy_checkpoint(
+    input_dir, output_dir, dtype: str, max_shard_size: str | int, overwrite: bool, write_files,
+    rename=lambda name: [name], tensor_shapes=saved_tensor_shapes,
+):  # fmt: skip
+    """Every direction: the tensors pass through as they are, renamed by `rename` (the names are the same in the
+    release and in this package's folders, the layout `save_pretrained` writes), resharded and perhaps cast, and
+    checked against `tensor_shapes(config)`; the files around them (`write_files(work, config, input_dir, dtype)`)
+    differ."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     target_dtype = resolve_dtype(dtype)
     config = load_config(input_dir)
     with atomic_output_dir(output_dir, overwrite) as work:
-        expected = saved_tensor_shapes(config)
-        convert_tensors(input_dir, work, lambda name: [name], expected, target_dtype, max_shard_size, str(input_dir))
+        expected = tensor_shapes(config)
+        convert_tensors(input_dir, work, rename, expected, target_dtype, max_shard_size, str(input_dir))
         write_files(work, config, input_dir, target_dtype)
     return output_dir
+
+
+def files_without_code(config_dict):
+    """`copy_checkpoint`'s `write_files` for a folder that needs no code of ours: `config_dict(config)` as its
+    `config.json` (Python's json writes the bare `Infinity` the release's has) and the tokenizer files."""
+
+    def write_files(work, config, source, target_dtype):
+        if target_dtype is not None:
+            config.dtype = target_dtype
+        (work / "config.json").write_text(json.dumps(config_dict(config), indent=2, sort_keys=True) + "\n")
+        copy_tokenizer_files(source, work)
+
+    return write_files
 
 
 def convert_release_to_package(
@@ -109,37 +126,20 @@ def convert_package_to_release(
     input_dir, output_dir, dtype: str = "auto", max_shard_size: str | int = MAX_SHARD_SIZE, overwrite: bool = False
 ) -> Path:
     """This package's layout -> NVIDIA's release layout (a `nemotron_h` config, no code). Returns the output folder."""
-
-    def release_files(work, config, source, target_dtype):
-        if target_dtype is not None:
-            config.dtype = target_dtype
-        # Python's json writes the bare `Infinity` the release's config.json has.
-        (work / "config.json").write_text(json.dumps(release_config_dict(config), indent=2, sort_keys=True) + "\n")
-        copy_tokenizer_files(source, work)
-
-    return copy_checkpoint(input_dir, output_dir, dtype, max_shard_size, overwrite, release_files)
+    return copy_checkpoint(
+        input_dir, output_dir, dtype, max_shard_size, overwrite, files_without_code(release_config_dict)
+    )
 
 
 def convert_context_tower(
     input_dir, output_dir, dtype: str = "auto", max_shard_size: str | int = MAX_SHARD_SIZE, overwrite: bool = False
 ) -> Path:
     """A TwoTower folder (either layout) -> a plain Nemotron-H checkpoint of its context tower, the AR baseline that
-    transformers' `NemotronHForCausalLM` and any engine serving Nemotron-H load as it is. Returns the output folder."""
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
-    target_dtype = resolve_dtype(dtype)
-    config = load_config(input_dir)
-    if target_dtype is not None:
-        config.dtype = target_dtype
-    with atomic_output_dir(output_dir, overwrite) as work:
-        expected = nemotron_h_tensor_shapes(config)
-        convert_tensors(
-            input_dir, work, context_tower_to_backbone, expected, target_dtype, max_shard_size, str(input_dir)
-        )
-        (work / "config.json").write_text(
-            json.dumps(context_tower_config_dict(config), indent=2, sort_keys=True) + "\n"
-        )
-        copy_tokenizer_files(input_dir, work)
-    return output_dir
+    transformers' `NemotronHForCausalLM` loads as it is. Returns the output folder."""
+    return copy_checkpoint(
+        input_dir, output_dir, dtype, max_shard_size, overwrite, files_without_code(context_tower_config_dict),
+        rename=context_tower_to_backbone, tensor_shapes=nemotron_h_tensor_shapes,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

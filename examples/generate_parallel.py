@@ -15,7 +15,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from transformers_twotower import TwoTowerForDiffusionLM
 from transformers_twotower.loading_twotower import DEMO_MODEL
@@ -37,9 +37,8 @@ def main():
     rank = int(os.environ.get("RANK", "0"))
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    model = TwoTowerForDiffusionLM.from_pretrained(
-        args.model, dtype=dtype, distributed_config=distributed_config(args.plan)
-    ).eval()
+    plan = distributed_config(args.plan, config=AutoConfig.from_pretrained(args.model))
+    model = TwoTowerForDiffusionLM.from_pretrained(args.model, dtype=dtype, distributed_config=plan).eval()
     inputs = tokenizer([args.prompt], return_tensors="pt").to(model.device)
     began = time.perf_counter()
     out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, compile=args.compile,

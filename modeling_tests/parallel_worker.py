@@ -23,8 +23,9 @@ from transformers_twotower.parallel_twotower import distributed_config
 
 
 # Compiled with AOTAutograd (functionalization sees the DTensors) and no code generation, to stay within a CI
-# budget; inductor is tried by hand (docs/generation.md, "Several GPUs").
-COMPILED = CompileConfig(backend="aot_eager", mode=None, fullgraph=True)
+# budget; `TWOTOWER_PARALLEL_BACKEND=inductor` runs inductor's code instead, by hand (docs/generation.md, "Several
+# GPUs").
+COMPILED = CompileConfig(backend=os.environ.get("TWOTOWER_PARALLEL_BACKEND", "aot_eager"), mode=None, fullgraph=True)
 
 
 def generations(model, compiled_too: bool = True) -> dict:

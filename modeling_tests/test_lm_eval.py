@@ -189,6 +189,9 @@ def test_lm_eval_gets_the_machines_device_unless_one_is_named(machine, monkeypat
                   ["--model_args=pretrained=x,device=mps"]):  # fmt: skip
         assert cli.with_machine_device([*tasks, *named]) == [*tasks, *named]
     assert cli.with_machine_device([*tasks, "--model_args", "device_map=auto"])[-1] == machine
+    assert cli.with_machine_device(["run", *tasks]) == ["run", *tasks, "--device", machine]
+    for other in ([], ["run"], ["ls", "tasks"], ["validate", "--tasks", "x"], [*tasks, "--help"]):
+        assert cli.with_machine_device(other) == other, other  # lm-eval's other commands take no --device
 
 
 def test_the_comparison_command_writes_its_table(demo, stock, tmp_path, monkeypatch):

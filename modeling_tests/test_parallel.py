@@ -17,7 +17,7 @@ from parallel_worker import record
 from safetensors.torch import load_file
 
 from transformers_twotower.defaults_twotower import GENERATION_MODES
-from transformers_twotower.parallel_twotower import PLANS, distributed_config
+from transformers_twotower.parallel_twotower import DENSE_TP_MODULES, PLANS, distributed_config
 
 
 HERE = Path(__file__).parent
@@ -54,12 +54,26 @@ def run_plans(saved: Path, processes: int) -> dict:
     return torch.load(out)
 
 
-def test_the_plans_split_what_they_name():
-    """The plans, as transformers resolves them on the model (no processes needed): experts and embeddings/heads."""
-    for plan, config in ((plan, distributed_config(plan, size=4)) for plan in PLANS):
+def test_the_plans_name_both_towers_and_the_configs_refuse_what_cannot_split():
+    """The plans as transformers merges them on the model (no processes needed): both towers' experts under tensor
+    and expert parallelism, the embeddings and both heads by vocabulary under tensor parallelism (what `"ep"` keeps
+    whole); each plan's sizes; a plan or an expert count that cannot split is refused by name."""
+    model = tiny_model()
+    for tower in ("context_tower", "denoiser_tower"):
+        experts = f"{tower}.layers.*.mixer.experts"
+        assert (model.tp_plan[f"{experts}.up_proj"], model.tp_plan[f"{experts}.down_proj"]) == ("colwise", "rowwise")
+        assert model.ep_plan[experts] == "ep_dispatch_experts"
+        assert model.tp_plan[f"{tower}.embeddings"] == "embedding_rowwise"
+    assert {plan: model.tp_plan[plan] for plan in DENSE_TP_MODULES if "lm_head" in plan} == {
+        "lm_head": "colwise_gather_output", "context_tower.lm_head": "colwise_gather_output"}  # fmt: skip
+    assert set(DENSE_TP_MODULES) == {name for name in model.tp_plan if ".experts" not in name}
+    for plan, config in ((plan, distributed_config(plan, size=4, config=model.config)) for plan in PLANS):
         assert (config.tp_size, config.ep_size) == ((4, 1) if plan == "tp" else (4, 4)), plan
     with pytest.raises(ValueError, match="plan"):
         distributed_config("pp", size=2)
+    with pytest.raises(ValueError, match="8 processes .* 4"):  # the tiny model has 4 routed experts
+        distributed_config("ep", size=8, config=model.config)
+    assert distributed_config("tp", size=8, config=model.config).tp_size == 8
 
 
 @pytest.mark.slow
@@ -69,6 +83,7 @@ def test_tensor_and_expert_parallel_equal_one_process(saved, one_process, proces
     loss, the denoiser's logits and its gradients equal one process's to fp32 rounding; greedy generation of a ragged
     left-padded batch with an early EOS gives the same tokens and NFE in every mode, eager and compiled; and
     `save_pretrained` of the sharded model writes the loaded checkpoint back bit for bit."""
+    assert one_process["loading"] == {}
     experts = [g for name, g in one_process["gradients"].items() if "experts" in name]
     assert experts and all(g.abs().max() > 0 for g in experts), "the experts must receive gradient to compare it"
     records = run_plans(saved, processes)

@@ -427,3 +427,8 @@ def test_router_logits_follow_the_config_flag_and_an_argument_wins():
     model.config.output_router_logits = False
     assert model(ids).router_logits is None and model(ids, labels=ids).router_logits is None
     assert len(model(ids, output_router_logits=True).router_logits) == len(ours)
+
+    # The config's attention flag applies without labels; training still runs (only an explicit argument is refused).
+    model.set_attn_implementation("eager")
+    model.config.output_attentions = True
+    assert model(ids).attentions and model(ids, labels=ids).loss is not None

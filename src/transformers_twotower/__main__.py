@@ -70,12 +70,16 @@ def bench(argv: list[str]) -> int:
 
 
 def with_machine_device(argv: list[str]) -> list[str]:
-    """lm-eval's arguments, given the device this machine has when they name none (lm-eval's default is `cuda:0`,
-    also on a machine without CUDA). A device in `--model_args` counts as named."""
+    """lm-eval's arguments, given the device this machine has when they run an evaluation and name none (lm-eval's
+    default is `cuda:0`, also on a machine without CUDA). A device in `--model_args` counts as named; `ls`,
+    `validate`, help and a bare command are passed on as they are (they take no `--device`)."""
+    run = argv[1:] if argv[:1] == ["run"] else argv
+    if not run or argv[0] in ("ls", "validate") or {"-h", "--help"} & set(argv):
+        return argv
     options = dict(arg.split("=", 1) for arg in argv if arg.startswith("--") and "=" in arg)
     options |= {arg: value for arg, value in zip(argv, argv[1:]) if arg.startswith("--")}
     model_args = {pair.split("=", 1)[0].strip() for pair in options.get("--model_args", "").split(",")}
-    named = "--device" in options or "--device" in argv or "device" in model_args
+    named = "--device" in argv or "--device" in options or "device" in model_args
     return argv if named else [*argv, "--device", machine_device()]
 
 

@@ -5,7 +5,8 @@
 - `context_step` appends tokens to it (the prompt, a committed block, one AR token) and returns the next-token logits;
   `denoise_step` runs the denoiser over a noisy block after it and returns the block's logits. Both build their masks
   with `visible_keys`, and neither syncs with the host, branches on a tensor's value or changes a shape between steps,
-  so each compiles with `fullgraph=True` and, on CUDA, replays as one CUDA graph.
+  so each compiles with `fullgraph=True` and, on CUDA, replays as one CUDA graph (Mock-AR's one-token step copies
+  the Mamba states behind first, outside the graph: `DecodeSteps.extend`).
 - `DecodeSteps` is the two steps, eager or compiled (each layer kind's block traced once:
   `backbone_twotower.compiled_once_per_kind`); `StatePool` keeps a model's compiled steps and states; `Decoder` is
   what generation calls: one prefilled state, the batch rows it holds, and finished rows dropped at block boundaries.

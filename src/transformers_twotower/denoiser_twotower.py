@@ -294,8 +294,12 @@ class TwoTowerDenoiser(TwoTowerPreTrainedModel):
         context: DenoiserContext,
         t: torch.Tensor | None = None,
         output_hidden_states: bool = False,
-        **recorded,  # `output_router_logits`, read by `capture_outputs`
+        output_router_logits: bool | None = None,
+        output_attentions: bool = False,
     ) -> MoeModelOutputWithPast:
+        """`output_router_logits` is read by `capture_outputs` (the routers' logits, default: the config's flag)."""
+        if output_attentions:
+            raise ValueError("The denoiser does not record attentions.")
         hidden = self.embeddings(input_ids)  # (B * nb, S, H)
         modulations = [None] * len(self.layers) if t is None else self.adaln(t)
         all_hidden = [hidden] if output_hidden_states else None

@@ -18,6 +18,7 @@ conversion scripts read it from here. It imports nothing from this package, so a
 
 import re
 
+import torch
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming
 from transformers.models.nemotron_h.configuration_nemotron_h import NemotronHConfig
@@ -151,7 +152,9 @@ def context_tower_config_dict(config: NemotronHConfig) -> dict:
     read by transformers' `NemotronHForCausalLM`. transformers clamps the Mamba `dt` from below at `time_step_min`,
     NVIDIA's code at `time_step_limit[0]`: `time_step_min` is set to the latter, so both compute what the tower
     computes (otherwise it only sets the range `dt_bias` is initialised in, which a trained checkpoint no longer uses).
+    Where that is 0 (the release), the smallest normal float32 stands in: the initialisation takes its logarithm, and
+    `softplus` gives no `dt` between the two.
     """
     values = release_config_dict(config) | {"architectures": ["NemotronHForCausalLM"]}
-    values["time_step_min"] = float(config.time_step_limit[0])
+    values["time_step_min"] = max(float(config.time_step_limit[0]), torch.finfo(torch.float32).tiny)
     return values

@@ -285,22 +285,24 @@ class TwoTowerForDiffusionLM(TwoTowerPreTrainedModel, TwoTowerGenerationMixin):
         `output_router_logits` return the context tower's, recorded as Nemotron-H records them; with `labels`,
         `output_router_logits` returns the denoiser's (`(B * N', n_routed_experts)` per MoE layer, `N'` the sequence
         padded to whole blocks). `output_attentions`, `output_hidden_states` and `output_router_logits` default to the
-        config's flags, as in transformers' MoE models. `return_dict=False` returns a tuple.
+        config's flags, as in transformers' MoE models (the config's `output_attentions` only without `labels`).
+        `return_dict=False` returns a tuple.
         """
         ignored = sorted(name for name, value in kwargs.items() if value is not None and value is not False)
         if ignored:
             raise ValueError(f"TwoTower's `forward` does not support {ignored}.")
+        if labels is not None and output_attentions:
+            raise ValueError(
+                "`output_attentions` returns the context tower's attentions (without `labels`); the diffusion loss "
+                "does not record them."
+            )
         # An explicit argument wins over the config's flag; the towers are always told (they would read the flag).
+        # The config's `output_attentions` applies without `labels` only (the loss records no attentions).
         config = self.config
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_router_logits = config.output_router_logits if output_router_logits is None else output_router_logits
         if labels is not None:
-            if output_attentions:
-                raise ValueError(
-                    "`output_attentions` returns the context tower's attentions (without `labels`); the diffusion "
-                    "loss does not record them. Set it to False (it may come from the config's flag)."
-                )
             loss, logits, _, hidden_states, router_logits = masked_diffusion_forward(
                 self, input_ids, labels, attention_mask, noise_mask, generator, output_hidden_states,
                 output_router_logits,
@@ -348,5 +350,6 @@ def add_auto_model(config: TwoTowerConfig):
     tower is a model by itself (the context tower alone is a plain Nemotron-H, `--context-tower` writes it)."""
     entry = f"{TwoTowerForDiffusionLM.__module__.rpartition('.')[2]}.{TwoTowerForDiffusionLM.__name__}"
     config.auto_map = {**(getattr(config, "auto_map", None) or {}), "AutoModel": entry}
+
 
 __all__ = ["TwoTowerForDiffusionLM", "TwoTowerPreTrainedModel", "add_auto_model", "two_tower_device_map"]

@@ -23,12 +23,18 @@ PLANS = ("tp", "ep", "tp+ep")
 DENSE_TP_MODULES = ("lm_head", "context_tower.lm_head", "context_tower.embeddings", "denoiser_tower.embeddings")
 
 
-def distributed_config(plan: str, size: int | None = None) -> DistributedConfig:
+def distributed_config(plan: str, size: int | None = None, config=None) -> DistributedConfig:
     """The `DistributedConfig` for `plan` (`"tp"`, `"ep"` or `"tp+ep"`) over `size` processes (default: torchrun's
-    `WORLD_SIZE`). Pass it to `from_pretrained(..., distributed_config=...)`."""
+    `WORLD_SIZE`). Pass it to `from_pretrained(..., distributed_config=...)`. With the model's `config`, a size that
+    does not divide its routed experts (expert parallelism) is refused here, not deep inside loading."""
     if plan not in PLANS:
         raise ValueError(f"`plan` must be one of {PLANS}, got {plan!r}.")
     size = int(os.environ.get("WORLD_SIZE", "1")) if size is None else size
+    if config is not None and plan != "tp" and config.n_routed_experts % size:
+        raise ValueError(
+            f"Expert parallelism over {size} processes needs a number of routed experts they divide; this model has "
+            f'{config.n_routed_experts}. Use another process count, or `plan="tp"`.'
+        )
     if plan == "tp":
         return DistributedConfig(tp_size=size, tp_plan="auto")
     if plan == "ep":
