@@ -6,6 +6,8 @@ import pytest
 import torch
 from conftest import clean_ids, left_pad, tiny_model
 
+from transformers_twotower import TwoTowerContextTower
+
 
 def test_one_pass_training_context_equals_reading_the_sequence_block_by_block(model):
     """One causal pass records the Mamba states at every block start; they equal the states of a cache that reads
@@ -128,49 +130,67 @@ def test_loss_trains_the_denoiser_only_and_goes_down():
         assert torch.equal(v, context_before[k]), k
 
 
-def test_blockwise_attention_gives_the_dense_masks_loss_and_gradients(monkeypatch):
-    """Training attends block by block with no (N, 2N) mask; `dense_context` below, a dense mask over the same keys,
-    is the reference. Same loss and gradients within 1e-5 on the release fixture, with left padding, -100 labels and
-    a partial last block."""
-    from conftest import RELEASE_FIXTURE
+BLOCKWISE_CONTEXT = TwoTowerContextTower.training_context
 
-    from transformers_twotower import TwoTowerContextTower, TwoTowerForDiffusionLM
 
-    model = TwoTowerForDiffusionLM.from_pretrained(RELEASE_FIXTURE, dtype=torch.float32).train()
-    S = model.config.block_size
+def dense_training_context(tower, input_ids, attention_mask, block_size):
+    """`training_context` with a dense `(B, 1, N, 2N)` additive mask instead of the blockwise form: block `b`'s queries
+    see the context keys `< b * S` and their own block, real positions only. The reference for every form."""
+    context = BLOCKWISE_CONTEXT(tower, input_ids, attention_mask, block_size)
+    length, device = input_ids.shape[1], input_ids.device
+    block_of = torch.arange(length, device=device) // block_size
+    sees_context = torch.arange(length, device=device)[None, :] < (block_of * block_size)[:, None]
+    sees_block = block_of[None, :] == block_of[:, None]
+    real = attention_mask.bool().repeat(1, 2)  # the context's keys, then the blocks' keys
+    visible = torch.cat([sees_context, sees_block], dim=1)[None] & real[:, None, :]
+    dtype = next(iter(context.keys.values())).dtype
+    mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
+    return dataclasses.replace(context, attention_mask=mask[:, None], blockwise=False, key_real=None)
+
+
+def blockwise_and_dense(model, monkeypatch, gradients: bool = True):
+    """The loss and gradients of one training step on the model's device, blockwise and with the dense reference:
+    left padding (a whole block of it), -100 labels and a partial last block. `((loss, grads), (loss, grads))`."""
+    S, device = model.config.block_size, model.device
     rows = [clean_ids(model, 1, 3 * S + 5, seed=3)[0].tolist(), clean_ids(model, 1, 2 * S + 1, seed=4)[0].tolist()]
     ids, mask = left_pad(rows)
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, : S // 2] = -100  # a prompt
     noise = torch.rand(ids.shape, generator=torch.Generator().manual_seed(5)) < 0.5
+    ids, mask, labels, noise = (t.to(device) for t in (ids, mask, labels, noise))
 
-    training_context = TwoTowerContextTower.training_context
-
-    def dense_context(tower, input_ids, attention_mask, block_size):
-        """The blockwise context with a dense `(B, 1, N, 2N)` additive mask instead: block `b`'s queries see the
-        context keys `< b * S` and their own block, real positions only."""
-        context = training_context(tower, input_ids, attention_mask, block_size)
-        length = input_ids.shape[1]
-        block_of = torch.arange(length) // block_size
-        sees_context = torch.arange(length)[None, :] < (block_of * block_size)[:, None]
-        sees_block = block_of[None, :] == block_of[:, None]
-        real = attention_mask.bool().repeat(1, 2)  # the context's keys, then the blocks' keys
-        visible = torch.cat([sees_context, sees_block], dim=1)[None] & real[:, None, :]
-        dtype = next(iter(context.keys.values())).dtype
-        mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)[:, None]
-        return dataclasses.replace(context, attention_mask=mask, blockwise=False, key_padding=None)
-
-    def run(dense: bool):
-        monkeypatch.setattr(TwoTowerContextTower, "training_context", dense_context if dense else training_context)
+    def run(context):
+        monkeypatch.setattr(TwoTowerContextTower, "training_context", context)
         model.zero_grad(set_to_none=True)
-        loss = model(ids, attention_mask=mask, labels=labels, noise_mask=noise).loss
-        loss.backward()
+        with torch.set_grad_enabled(gradients):
+            loss = model(ids, attention_mask=mask, labels=labels, noise_mask=noise).loss
+        if gradients:
+            loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return loss.detach(), grads
 
-    dense_loss, dense_grads = run(dense=True)
-    blockwise_loss, blockwise_grads = run(dense=False)
-    torch.testing.assert_close(blockwise_loss, dense_loss, rtol=0, atol=1e-5)
-    assert dense_grads.keys() == blockwise_grads.keys() and len(dense_grads) > 0
+    return run(BLOCKWISE_CONTEXT), run(dense_training_context)
+
+
+@pytest.mark.parametrize("form", ["chunks of 1", "chunks of 3", "chunks of 8", "flex"])
+def test_blockwise_attention_gives_the_dense_masks_loss_and_gradients(form, monkeypatch):
+    """Training attends with no (N, 2N) mask, in chunks of blocks (one attention call per chunk; 3 leaves a partial
+    last chunk) or in one `flex_attention` call; `dense_training_context`, a dense mask over the same keys, is the
+    reference. Same loss and gradients within 1e-5 on the release fixture. flex_attention has no backward on the CPU:
+    here its loss only, run eagerly (test_gpu.py holds its gradients, compiled on CUDA)."""
+    from conftest import RELEASE_FIXTURE
+
+    import transformers_twotower.denoiser_twotower as denoiser
+    from transformers_twotower import TwoTowerForDiffusionLM
+
+    if form == "flex":
+        monkeypatch.setattr(denoiser, "flex_attention_runs", lambda device, dropout: True)
+        monkeypatch.setattr(denoiser, "compiled_flex_attention", lambda: denoiser.flex_attention)
+    else:
+        monkeypatch.setattr(denoiser, "CHUNK_BLOCKS", int(form.split()[-1]))
+    model = TwoTowerForDiffusionLM.from_pretrained(RELEASE_FIXTURE, dtype=torch.float32).train()
+    (loss, grads), (dense_loss, dense_grads) = blockwise_and_dense(model, monkeypatch, gradients=form != "flex")
+    torch.testing.assert_close(loss, dense_loss, rtol=0, atol=1e-5)
+    assert dense_grads.keys() == grads.keys() and (len(dense_grads) > 0) == (form != "flex")
     for name, grad in dense_grads.items():
-        torch.testing.assert_close(blockwise_grads[name], grad, rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(grads[name], grad, rtol=0, atol=1e-5, msg=name)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 from transformers.cache_utils import DynamicCache
 from transformers.models.nemotron_h.modeling_nemotron_h import (
     MIXER_TYPES,
@@ -45,7 +46,8 @@ class DenoiserContext:
     - `attention_mask`: additive, over `[context keys | block keys]`, or None when every key is visible;
     - `num_blocks`: noisy blocks per row (1 at inference, every block of the sequence in training);
     - `blockwise`: training's block structure without a dense mask (block `b` sees context keys `< b * S` and its own
-      block), with `key_padding`, additive over `[context keys | block keys]`, or None when every key is real;
+      block), with `key_real`, `(B, T + nb * S)` bool over `[context keys | block keys]`, or None when every key is
+      real; `flex_mask`: the same as a `BlockMask`, where `flex_attention` runs (set by the denoiser's forward);
     - `block_positions` (inference): where in `keys` / `values` the block's own K/V are written, `(L,)`.
     """
 
@@ -56,7 +58,8 @@ class DenoiserContext:
     attention_mask: torch.Tensor | None
     num_blocks: int = 1
     blockwise: bool = False
-    key_padding: torch.Tensor | None = None
+    key_real: torch.Tensor | None = None
+    flex_mask: BlockMask | None = None
     block_positions: torch.Tensor | None = None
 
 
@@ -129,12 +132,12 @@ def denoiser_view(
     if block_mask is not None:
         block_real = block_mask.bool()
     key_real = torch.cat([context_real, block_real], dim=1)  # (B, T + Q)
-    dtype = next(iter(keys.values())).dtype if keys else torch.float32
     if num_blocks > 1:
-        key_padding = None if key_real.all() else additive_mask(key_real, dtype)
-        return DenoiserContext(keys, values, conv_history, ssm_states, None, num_blocks, True, key_padding)
+        real = None if key_real.all() else key_real
+        return DenoiserContext(keys, values, conv_history, ssm_states, None, num_blocks, True, real)
 
     mask = None
+    dtype = next(iter(keys.values())).dtype if keys else torch.float32
     device, length = context_real.device, context_real.shape[1]
     if not key_real.all() or context_ends[0] < length:  # (training's one block sees no context: < 0 * S)
         sees_context = torch.arange(length, device=device)[None, :] < context_ends[0]  # (1, T)

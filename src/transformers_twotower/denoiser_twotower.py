@@ -10,11 +10,14 @@
 context, t)` gives the hidden states of noisy blocks after a `DenoiserContext`. The head (`lm_head`) is the model's.
 """
 
+import dataclasses
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.modeling_outputs import MoeModelOutputWithPast
@@ -30,7 +33,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .backbone_twotower import TwoTowerBlock, TwoTowerMamba2Mixer, TwoTowerPreTrainedModel, compiled_once_per_kind
 from .configuration_twotower import TwoTowerConfig
-from .context_twotower import DenoiserContext
+from .context_twotower import DenoiserContext, additive_mask
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -116,17 +119,19 @@ class DenoiserAttention(NemotronHAttention):
         attention_mask: torch.Tensor | None,
         num_blocks: int = 1,
         blockwise: bool = False,
-        key_padding: torch.Tensor | None = None,
+        key_real: torch.Tensor | None = None,
         block_positions: torch.Tensor | None = None,
+        flex_mask: BlockMask | None = None,
     ) -> torch.Tensor:
         """hidden_states: (B * nb, S, H), context K/V: (B, kv_heads, T, hd). No causal mask.
 
         Dense (inference, and the reference): `attention_mask` additive, broadcastable to (B, heads, nb * S, T + nb * S),
         or None for "every key visible". Blockwise (training, `T = nb * S`): block `b` attends to the context keys
-        `< b * S` and its own block, one attention call per block, so no (nb * S, T + nb * S) mask is ever built and
-        memory grows linearly with the sequence; `key_padding` (B, T + nb * S) is additive, or None when every key is
-        real. Inference (`block_positions` given): the context K/V are the decode state's buffers (B, kv_heads, width,
-        hd); the block's K/V are written at `block_positions` (L,) of them and `attention_mask` covers `width`.
+        `< b * S` and its own block, without a (nb * S, T + nb * S) mask: one `flex_attention` call with `flex_mask`
+        where flex runs (`flex_attention_runs`), else chunks of blocks (`_chunked`); `key_real` (B, T + nb * S) bool,
+        or None when every key is real. Inference (`block_positions` given): the context K/V are the decode state's
+        buffers (B, kv_heads, width, hd); the block's K/V are written at `block_positions` (L,) of them and
+        `attention_mask` covers `width`.
         """
         rows, length, _ = hidden_states.shape
         hidden_states = hidden_states.reshape(rows // num_blocks, num_blocks * length, -1)  # (B, nb * S, H)
@@ -149,7 +154,10 @@ class DenoiserAttention(NemotronHAttention):
         context_values = context_values.to(value.device, value.dtype)
         dropout = self.attention_dropout if self.training else 0.0
         if blockwise:
-            output = self._blockwise(query, key, value, context_keys, context_values, key_padding, num_blocks, dropout)
+            if flex_mask is not None:
+                output = self._flex(query, key, value, context_keys, context_values, flex_mask)
+            else:
+                output = self._chunked(query, key, value, context_keys, context_values, key_real, num_blocks, dropout)
             return self.o_proj(output.reshape(rows, length, -1))
 
         if block_positions is not None:
@@ -168,40 +176,92 @@ class DenoiserAttention(NemotronHAttention):
         )  # (B, nb * S, heads, hd)
         return self.o_proj(output.reshape(rows, length, -1))
 
-    def _attend_block(self, query, key, value, context_keys, context_values, mask, dropout):
-        """One block's queries (B, heads, S, hd) over [context keys | its own keys]; returns (B, heads, S, hd)."""
-        keys = torch.cat([context_keys, key], dim=2)
-        values = torch.cat([context_values, value], dim=2)
-        return F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=mask, dropout_p=dropout, scale=self.scaling, enable_gqa=True
-        )
+    def _flex(self, query, key, value, context_keys, context_values, flex_mask: BlockMask) -> torch.Tensor:
+        """Every block at once: one `flex_attention` call over [context keys | block keys] that skips what
+        `flex_mask` hides, compiled (by the caller's `torch.compile`, or here). Returns (B, nb * S, heads, hd)."""
+        keys, values = torch.cat([context_keys, key], dim=2), torch.cat([context_values, value], dim=2)
+        attend = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
+        output = attend(query, keys, values, block_mask=flex_mask, scale=self.scaling, enable_gqa=True)
+        return output.transpose(1, 2)
 
-    def _blockwise(self, query, key, value, context_keys, context_values, key_padding, num_blocks, dropout):
-        """Block `b`'s queries over [context keys < b * S | block b's keys]; returns (B, nb * S, heads, hd)."""
+    def _chunked(self, query, key, value, context_keys, context_values, key_real, num_blocks, dropout):
+        """Blocks in chunks of `CHUNK_BLOCKS`, one attention call each: a chunk's queries over the context keys before
+        its end and its own blocks' keys, masked per block. Work grows as causal attention's, memory linearly: each
+        chunk is recomputed in the backward pass instead of keeping its keys and weights. Returns
+        (B, nb * S, heads, hd)."""
         block = query.shape[2] // num_blocks
         context_length = context_keys.shape[2]
         if context_length != num_blocks * block:
             raise ValueError(
                 f"blockwise attention reads a context of nb * S = {num_blocks * block} keys, got {context_length}"
             )
-        if key_padding is not None:
-            key_padding = key_padding.to(query.device, query.dtype)
         outputs = []
-        for b in range(num_blocks):
-            own = slice(b * block, (b + 1) * block)
-            mask = None
-            if key_padding is not None:
-                own_keys = slice(context_length + b * block, context_length + (b + 1) * block)
-                mask = torch.cat([key_padding[:, : b * block], key_padding[:, own_keys]], dim=1)[:, None, None, :]
-            inputs = (query[:, :, own], key[:, :, own], value[:, :, own], context_keys[:, :, : b * block],
-                      context_values[:, :, : b * block], mask, dropout)  # fmt: skip
+        for first in range(0, num_blocks, CHUNK_BLOCKS):
+            chunk = slice(first * block, min(first + CHUNK_BLOCKS, num_blocks) * block)
+            real = None
+            if key_real is not None:
+                own_keys = slice(context_length + chunk.start, context_length + chunk.stop)
+                real = torch.cat([key_real[:, : chunk.stop], key_real[:, own_keys]], dim=1)
+            inputs = (query[:, :, chunk], key[:, :, chunk], value[:, :, chunk], context_keys[:, :, : chunk.stop],
+                      context_values[:, :, : chunk.stop], real, first, block, dropout)  # fmt: skip
             if torch.is_grad_enabled():
-                # Recomputed in the backward pass: otherwise every block would keep its own copy of the context keys
-                # and its attention weights for backward, memory quadratic in the sequence again.
-                outputs.append(checkpoint(self._attend_block, *inputs, use_reentrant=False))
+                # Recomputed in the backward pass (the mask too): otherwise every chunk would keep its own copy of the
+                # context keys, its mask and its attention weights for backward, memory quadratic in the sequence.
+                outputs.append(checkpoint(self._attend_chunk, *inputs, use_reentrant=False))
             else:
-                outputs.append(self._attend_block(*inputs))
+                outputs.append(self._attend_chunk(*inputs))
         return torch.cat(outputs, dim=2).transpose(1, 2)
+
+    def _attend_chunk(self, query, key, value, context_keys, context_values, real, first_block, block, dropout):
+        """One chunk's queries (B, heads, L, hd), blocks `first_block ..`, over [context keys before the chunk's end |
+        the chunk's own keys]: a query sees the context before its block and its own block; `real` (B, keys) bool or
+        None. Returns (B, heads, L, hd)."""
+        length, device = query.shape[2], query.device
+        query_block = torch.arange(length, device=device) // block + first_block
+        context_block = torch.arange(context_keys.shape[2], device=device) // block
+        visible = torch.cat(
+            [context_block[None, :] < query_block[:, None], query_block[None, :] == query_block[:, None]], dim=1
+        )[None, None]  # (1, 1, L, keys)
+        if real is not None:
+            visible = visible & real[:, None, None, :]
+        mask = None if bool(visible.all()) else additive_mask(visible, query.dtype)
+        keys = torch.cat([context_keys, key], dim=2)
+        values = torch.cat([context_values, value], dim=2)
+        return F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, dropout_p=dropout, scale=self.scaling, enable_gqa=True
+        )
+
+
+# Blocks per attention call in training's chunked form (`DenoiserAttention._chunked`): 128 queries a call. Fewer,
+# larger calls than one per block, and each mask stays small beside its keys (docs/training.md, "Where the time goes").
+CHUNK_BLOCKS = 8
+
+
+def flex_attention_runs(device: torch.device, dropout: float) -> bool:
+    """Whether training attention takes `flex_attention`: on CUDA, without dropout (flex has none). On the CPU,
+    torch 2.13's flex_attention has no backward pass."""
+    return device.type == "cuda" and dropout == 0.0
+
+
+@functools.cache
+def compiled_flex_attention():
+    """`flex_attention` compiled once per process (eager, it runs a dense reference implementation)."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def training_flex_mask(key_real: torch.Tensor | None, num_blocks: int, block: int, device) -> BlockMask:
+    """Training attention's mask as a `BlockMask` over [context keys | block keys], (nb * S, 2 * nb * S): a query of
+    block `b` sees the context keys `< b * S` and its own block's keys, real ones only (`key_real` (B, 2 * nb * S)
+    bool, or None when all are real)."""
+    length = num_blocks * block
+
+    def visible(batch, head, query, key):
+        query_block = query // block
+        sees = torch.where(key < length, key < query_block * block, (key - length) // block == query_block)
+        return sees if key_real is None else sees & key_real[batch, key]
+
+    rows = None if key_real is None else key_real.shape[0]
+    return create_block_mask(visible, rows, None, length, 2 * length, device=device)
 
 
 class DenoiserMamba2Mixer(TwoTowerMamba2Mixer):
@@ -242,7 +302,7 @@ class TwoTowerDenoiserBlock(TwoTowerBlock):
         elif self.block_type == "full_attention":
             out = self.mixer(
                 normed, context.keys[i], context.values[i], context.attention_mask, context.num_blocks,
-                context.blockwise, context.key_padding, context.block_positions,
+                context.blockwise, context.key_real, context.block_positions, context.flex_mask,
             )  # fmt: skip
         else:
             out = self.mixer(normed)
@@ -300,6 +360,10 @@ class TwoTowerDenoiser(TwoTowerPreTrainedModel):
         """`output_router_logits` is read by `capture_outputs` (the routers' logits, default: the config's flag)."""
         if output_attentions:
             raise ValueError("The denoiser does not record attentions.")
+        dropout = self.config.attention_dropout if self.training else 0.0
+        if context.blockwise and flex_attention_runs(input_ids.device, dropout):  # one mask for every attention layer
+            flex_mask = training_flex_mask(context.key_real, context.num_blocks, input_ids.shape[1], input_ids.device)
+            context = dataclasses.replace(context, flex_mask=flex_mask)
         hidden = self.embeddings(input_ids)  # (B * nb, S, H)
         modulations = [None] * len(self.layers) if t is None else self.adaln(t)
         all_hidden = [hidden] if output_hidden_states else None
