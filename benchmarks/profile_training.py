@@ -88,12 +88,15 @@ def parts(model, layers, lm_head, ids, repeats: int) -> dict:
 
 def profile(twotower, ar, length: int, tokens: int, repeats: int) -> dict:
     ids = batch(twotower.config.vocab_size, length, tokens)
-    whole = {name: median_ms(lambda: step(model, ids), repeats) for name, model in (("twotower", twotower), ("ar", ar))}  # noqa: B023
+    whole = {
+        name: median_ms(lambda: step(model, ids), repeats) for name, model in (("twotower", twotower), ("ar", ar))
+    }  # noqa: B023
     block = twotower.config.block_size
-    context = median_ms(
-        lambda: twotower.context_tower.training_context(ids, torch.ones_like(ids), block), repeats
-    )  # noqa: B023
-    ours = {"context_tower": context, **parts(twotower, twotower.denoiser_tower.layers, twotower.lm_head, ids, repeats)}
+    context = median_ms(lambda: twotower.context_tower.training_context(ids, torch.ones_like(ids), block), repeats)  # noqa: B023
+    ours = {
+        "context_tower": context,
+        **parts(twotower, twotower.denoiser_tower.layers, twotower.lm_head, ids, repeats),
+    }
     theirs = parts(ar, ar.model.layers, ar.lm_head, ids, repeats)
     row = {"seq_len": length, "batch_size": ids.shape[0]}
     for name, costs in (("twotower", ours), ("ar", theirs)):

@@ -3,6 +3,10 @@ processes (gloo), or alone; writes the full (unsharded) weights and a `save_pret
 
     python fsdp_worker.py OUT_FILE SAVE_DIR                          # one process, no sharding
     torchrun --nproc-per-node 2 fsdp_worker.py OUT_FILE SAVE_DIR     # two processes, the denoiser sharded
+    torchrun --nproc-per-node 2 fsdp_worker.py OUT_FILE SAVE_DIR compiled   # and every block compiled
+
+With `compiled`, every block of both towers is compiled (`aot_eager`: the graphs, forward and backward, without
+inductor's code generation) before it is sharded, as torchtitan compiles its blocks under FSDP2.
 
 Every block of both towers, each tower's remaining parameters (embeddings, adaLN-single, final norm, the context
 head) and the denoiser's head are FSDP units: the frozen context tower is sharded too (weights only: it has no
@@ -30,10 +34,14 @@ def batch():
     return ids, noise
 
 
-def main(out_file: str, save_dir: str):
+def main(out_file: str, save_dir: str, compiled: bool = False):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     model = tiny_model(seed=0).train()
+    if compiled:
+        for tower in (model.context_tower, model.denoiser_tower):
+            for layer in tower.layers:
+                layer.compile(backend="aot_eager")
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -55,6 +63,8 @@ def main(out_file: str, save_dir: str):
         optimizer.step()
         optimizer.zero_grad()
 
+    if compiled:
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "the blocks ran uncompiled"
     if world > 1:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -73,4 +83,4 @@ def main(out_file: str, save_dir: str):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], compiled=sys.argv[3:] == ["compiled"])

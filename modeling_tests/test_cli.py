@@ -1,6 +1,7 @@
 """The command line: `python -m transformers_twotower generate ...` and `... bench`."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -134,6 +135,27 @@ def test_bench_demo_runs(tmp_path, capsys):
     generated = ar["generated_tokens"]
     assert ar["context_tokens_per_token"] == round((generated - ar["prompts"]) / generated, 3)
     assert 0 < diffusion["context_tokens_per_token"] < ar["context_tokens_per_token"]
+
+
+def test_bench_training_synthetic_eager_and_compiled(tmp_path):
+    """`bench_training.py --synthetic` (the GPU run's models, at a small width on the CPU) with `--compile`: each
+    length's row holds both steps eager and compiled, their ratios, and each eager step's peak memory."""
+    out = tmp_path / "training.json"
+    command = [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks/bench_training.py"),
+               "--synthetic", "--scale", "small", "--layers", "6", "--lengths", "32", "64", "--tokens", "64",
+               "--repeats", "1", "--compile", "--compile-backend", "aot_eager", "--output", str(out)]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(row["seq_len"], row["batch_size"]) for row in rows] == [(32, 2), (64, 1)]
+    for row in rows:
+        assert row["ratio"] == pytest.approx(row["twotower_seconds"] / row["ar_seconds"], abs=2e-3)
+        assert row["ratio_compiled"] == pytest.approx(row["twotower_compiled_seconds"] / row["ar_compiled_seconds"],
+                                                      abs=2e-3)  # fmt: skip
+        assert min(row["twotower_compiled_seconds"], row["ar_compiled_seconds"]) > 0
+        assert min(row["twotower_peak_mb"], row["ar_peak_mb"]) >= 0  # a small step may fit in what is resident
 
 
 def test_bench_synthetic_generate_small(capsys, monkeypatch):

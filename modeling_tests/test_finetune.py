@@ -226,15 +226,17 @@ def test_finetune_script_under_torchrun(saved_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_two_processes_train_like_one_and_save_a_full_checkpoint(tmp_path):
-    """FSDP2 over 2 CPU processes (gloo), both towers sharded, gives the single-process weights (to 1e-5), and its
-    full checkpoint reloads with `from_pretrained` in the release's layout."""
+@pytest.mark.parametrize("blocks", ["eager", "compiled"])
+def test_fsdp_two_processes_train_like_one_and_save_a_full_checkpoint(tmp_path, blocks):
+    """FSDP2 over 2 CPU processes (gloo), both towers sharded, every block eager or compiled, gives the eager
+    single-process weights (to 1e-5), and its full checkpoint reloads with `from_pretrained` in the release's
+    layout."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE)}
     run = lambda *cmd: subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)  # noqa: E731
     one = run(sys.executable, "fsdp_worker.py", str(tmp_path / "one.pt"), str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-3000:]
     two = run(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-              "fsdp_worker.py", str(tmp_path / "two.pt"), str(tmp_path / "two"))  # fmt: skip
+              "fsdp_worker.py", str(tmp_path / "two.pt"), str(tmp_path / "two"), blocks)  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
     single, sharded = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     initial = tiny_model(seed=0).state_dict()

@@ -1,5 +1,6 @@
 """`Trainer` runs the masked-diffusion objective unchanged: ordinary batches of input_ids/labels, no custom collator."""
 
+import pytest
 import torch
 from conftest import tiny_model
 from datasets import Dataset
@@ -9,9 +10,12 @@ from transformers import Trainer, TrainingArguments, get_linear_schedule_with_wa
 STEPS, LEARNING_RATE = 3, 1e-2
 
 
-def test_trainer_takes_the_steps_of_a_plain_training_loop(tmp_path):
-    """Three Trainer steps on one full batch (its noise fixed by a `noise_mask` column) end where a hand-written AdamW
-    loop with the same schedule and clipping ends; the context tower is untouched."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch_compile"])
+def test_trainer_takes_the_steps_of_a_plain_training_loop(tmp_path, compiled):
+    """Three Trainer steps on one full batch (its noise fixed by a `noise_mask` column) end where a hand-written eager
+    AdamW loop with the same schedule and clipping ends; the context tower is untouched. With `torch_compile=True`
+    the Trainer compiles the model (`aot_eager`: the graphs inductor would compile, forward and backward, without its
+    code generation)."""
     generator = torch.Generator().manual_seed(0)
     model = tiny_model()
     rows = torch.randint(4, model.config.vocab_size, (8, 10), generator=generator)
@@ -42,9 +46,12 @@ def test_trainer_takes_the_steps_of_a_plain_training_loop(tmp_path):
         use_cpu=True,
         save_strategy="no",
         seed=0,
+        torch_compile=compiled,
+        torch_compile_backend="aot_eager" if compiled else None,
     )
     trainer = Trainer(model=model, args=args, train_dataset=dataset)
     trainer.train()
+    assert compiled == hasattr(trainer.model_wrapped, "_orig_mod"), "the Trainer compiled the model as asked"
 
     assert len([log for log in trainer.state.log_history if "loss" in log]) == STEPS
     for name, parameter in reference.named_parameters():

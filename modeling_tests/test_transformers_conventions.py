@@ -322,6 +322,8 @@ def test_torch_compile_gives_the_same_loss_gradients_and_denoiser_steps():
     results = []
     for compiled in (False, True):
         model = tiny_model().train()
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         run = torch.compile(model, backend="aot_eager") if compiled else model
         loss = run(ids, labels=ids, noise_mask=noise).loss
         loss.backward()
@@ -330,6 +332,8 @@ def test_torch_compile_gives_the_same_loss_gradients_and_denoiser_steps():
         )
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    assert breaks and all("training_context" in reason for reason in breaks), f"graph breaks: {dict(breaks)}"
 
     model = tiny_model()
     cache, block, t = model.prefill(ids), torch.tensor([[3, 17, 3, 3], [3, 3, 3, 9]]), torch.tensor([0.75, 0.5])

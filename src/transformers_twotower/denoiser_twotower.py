@@ -224,7 +224,7 @@ class DenoiserAttention(NemotronHAttention):
         )[None, None]  # (1, 1, L, keys)
         if real is not None:
             visible = visible & real[:, None, None, :]
-        mask = None if bool(visible.all()) else additive_mask(visible, query.dtype)
+        mask = additive_mask(visible, query.dtype)  # built whatever it holds: reading it would sync with the host
         keys = torch.cat([context_keys, key], dim=2)
         values = torch.cat([context_values, value], dim=2)
         return F.scaled_dot_product_attention(
