@@ -335,6 +335,17 @@ def test_torch_compile_gives_the_same_loss_gradients_and_denoiser_steps():
     breaks = torch._dynamo.utils.counters["graph_break"]
     assert breaks and all("training_context" in reason for reason in breaks), f"graph breaks: {dict(breaks)}"
 
+    # The noise drawn inside, at two lengths (the second one symbolic to the compiled model), as `Trainer` calls it.
+    model = tiny_model().train()
+    compiled = torch.compile(model, backend="aot_eager")
+    for length in (8, 12):
+        ids = clean_ids(model, 2, length, seed=length)
+        losses = []
+        for run in (model, compiled):
+            torch.manual_seed(length)
+            losses.append(run(ids, labels=ids).loss)
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+
     model = tiny_model()
     cache, block, t = model.prefill(ids), torch.tensor([[3, 17, 3, 3], [3, 3, 3, 9]]), torch.tensor([0.75, 0.5])
     eager = model.denoise_step(block, cache, t)

@@ -37,8 +37,11 @@ def masked_diffusion_forward(
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
     maskable = (labels != -100) & mask.bool()
     if noise_mask is None:
-        t = 1.0 - torch.rand(batch_size, num_blocks, 1, generator=generator, device=input_ids.device)
-        draws = torch.rand(batch_size, num_blocks, block_size, generator=generator, device=input_ids.device)
+        # The generator is named only when given: `generator=None` fails under torch.compile once the length is
+        # symbolic (the second length a compiled model sees; torch 2.13).
+        seeded = {} if generator is None else {"generator": generator}
+        t = 1.0 - torch.rand(batch_size, num_blocks, 1, device=input_ids.device, **seeded)
+        draws = torch.rand(batch_size, num_blocks, block_size, device=input_ids.device, **seeded)
         noise_mask = (draws < t).view(batch_size, -1)[:, :length]
     elif noise_mask.shape != input_ids.shape:
         raise ValueError(
