@@ -15,7 +15,7 @@ synchronisations, and peak memory is the allocator's peak during one step above 
 The model: `--model DIR` (default: the bundled demo, fp32), or `--synthetic`: random weights at the release's widths
 (`--scale real`; `small` for a quick check), the first `--layers` of its 52-layer pattern, in `--dtype` (default bf16
 on CUDA, fp32 on the CPU). With `--compile`, both steps are also timed under `torch.compile` (`--compile-backend`,
-default inductor; its first call, which compiles, is not timed); peak memory is measured for the eager steps only.
+default inductor, static shapes; its first call at each length, which compiles, is not timed); peak memory is measured for the eager steps only.
 
 Writes `--output` (default `benchmarks/results/training_{cpu|cuda}[_synthetic].json`): a list of rows
 `{seq_len, batch_size, twotower_seconds, ar_seconds, ratio, twotower_peak_mb, ar_peak_mb}`, with `--compile`
@@ -161,7 +161,10 @@ def main(argv=None) -> int:
     twotower, ar = models(args)
     steps = {"twotower": lambda ids: step(twotower, ids), "ar": lambda ids: step(ar, ids)}
     if args.compile:
-        compiled = {name: torch.compile(model, backend=args.compile_backend) for name, model in
+        # Static shapes, each length compiled on its own, as training at one length is. Under automatic dynamic
+        # shapes, inductor failed at the second length here ("cannot determine truth value of Relational"), with both
+        # models compiled in this process; neither failed alone (torch 2.13).
+        compiled = {name: torch.compile(model, backend=args.compile_backend, dynamic=False) for name, model in
                     (("twotower", twotower), ("ar", ar))}  # fmt: skip
         steps |= {f"{name}_compiled": (lambda m: lambda ids: step(m, ids))(model) for name, model in compiled.items()}
     rows = []

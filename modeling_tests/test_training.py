@@ -105,6 +105,33 @@ def test_noise_is_seedable(model):
     assert not torch.equal(mask_a, mask_c)
 
 
+def test_the_frozen_tower_costs_one_forward_and_keeps_nothing_for_backward():
+    """A training step runs the context tower once, without gradient, and autograd saves none of its activations;
+    the denoiser saves what its backward needs."""
+    model = tiny_model().train()
+    ids = clean_ids(model, 2, 12)
+    calls, inside, saved = [], [False], {"context": 0, "elsewhere": 0}
+
+    def enter(module, args, kwargs):
+        calls.append(torch.is_grad_enabled())
+        inside[0] = True
+
+    def leave(module, args, kwargs, output):
+        inside[0] = False
+
+    def pack(tensor):
+        saved["context" if inside[0] else "elsewhere"] += 1
+        return tensor
+
+    model.context_tower.register_forward_pre_hook(enter, with_kwargs=True)
+    model.context_tower.register_forward_hook(leave, with_kwargs=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert calls == [False], "one pass of the context tower, without gradient"
+    assert saved["context"] == 0 and saved["elsewhere"] > 0, saved
+
+
 def test_loss_trains_the_denoiser_only_and_goes_down():
     model = tiny_model().train()
     ids = clean_ids(model, 2, 12)
