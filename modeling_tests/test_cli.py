@@ -137,6 +137,7 @@ def test_bench_demo_runs(tmp_path, capsys):
     assert 0 < diffusion["context_tokens_per_token"] < ar["context_tokens_per_token"]
 
 
+@pytest.mark.slow  # two lengths compiled, four fresh processes for the peaks
 def test_bench_training_synthetic_eager_and_compiled(tmp_path):
     """`bench_training.py --synthetic` (the GPU run's models, at a small width on the CPU) with `--compile`: each
     length's row holds both steps eager and compiled, their ratios, and each eager step's peak memory."""
@@ -151,9 +152,10 @@ def test_bench_training_synthetic_eager_and_compiled(tmp_path):
     rows = json.loads(out.read_text())
     assert [(row["seq_len"], row["batch_size"]) for row in rows] == [(32, 2), (64, 1)]
     for row in rows:
-        assert row["ratio"] == pytest.approx(row["twotower_seconds"] / row["ar_seconds"], abs=2e-3)
+        # The seconds are rounded to milliseconds, the ratios from the unrounded ones.
+        assert row["ratio"] == pytest.approx(row["twotower_seconds"] / row["ar_seconds"], rel=0.05)
         assert row["ratio_compiled"] == pytest.approx(row["twotower_compiled_seconds"] / row["ar_compiled_seconds"],
-                                                      abs=2e-3)  # fmt: skip
+                                                      rel=0.05)  # fmt: skip
         assert min(row["twotower_compiled_seconds"], row["ar_compiled_seconds"]) > 0
         assert min(row["twotower_peak_mb"], row["ar_peak_mb"]) >= 0  # a small step may fit in what is resident
 

@@ -175,11 +175,13 @@ def dense_training_context(tower, input_ids, attention_mask, block_size):
     return dataclasses.replace(context, attention_mask=mask[:, None], blockwise=False, key_real=None)
 
 
-def blockwise_and_dense(model, monkeypatch, gradients: bool = True):
+def blockwise_and_dense(model, monkeypatch, gradients: bool = True, blocks: tuple = (3, 2)):
     """The loss and gradients of one training step on the model's device, blockwise and with the dense reference:
-    left padding (a whole block of it), -100 labels and a partial last block. `((loss, grads), (loss, grads))`."""
+    two rows of `blocks` whole blocks and a few tokens more, so left padding (a whole block of it), -100 labels and a
+    partial last block. `((loss, grads), (loss, grads))`."""
     S, device = model.config.block_size, model.device
-    rows = [clean_ids(model, 1, 3 * S + 5, seed=3)[0].tolist(), clean_ids(model, 1, 2 * S + 1, seed=4)[0].tolist()]
+    rows = [clean_ids(model, 1, blocks[0] * S + 5, seed=3)[0].tolist(),
+            clean_ids(model, 1, blocks[1] * S + 1, seed=4)[0].tolist()]  # fmt: skip
     ids, mask = left_pad(rows)
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, : S // 2] = -100  # a prompt
@@ -204,19 +206,28 @@ def test_blockwise_attention_gives_the_dense_masks_loss_and_gradients(form, monk
     """Training attends with no (N, 2N) mask, in chunks of blocks (one attention call per chunk; 3 leaves a partial
     last chunk) or in one `flex_attention` call; `dense_training_context`, a dense mask over the same keys, is the
     reference. Same loss and gradients within 1e-5 on the release fixture. flex_attention has no backward on the CPU:
-    here its loss only, run eagerly (test_gpu.py holds its gradients, compiled on CUDA)."""
+    here its loss only, run eagerly, over enough blocks that its `BlockMask` skips whole tiles of 128 (test_gpu.py
+    holds its gradients, compiled on CUDA)."""
     from conftest import RELEASE_FIXTURE
 
     import transformers_twotower.denoiser_twotower as denoiser
     from transformers_twotower import TwoTowerForDiffusionLM
 
+    calls = []
     if form == "flex":
         monkeypatch.setattr(denoiser, "flex_attention_runs", lambda device, dropout: True)
-        monkeypatch.setattr(denoiser, "compiled_flex_attention", lambda: denoiser.flex_attention)
+        monkeypatch.setattr(denoiser, "compiled_flex_attention",
+                            lambda: lambda *a, **k: calls.append(k["block_mask"]) or denoiser.flex_attention(*a, **k))  # fmt: skip
     else:
         monkeypatch.setattr(denoiser, "CHUNK_BLOCKS", int(form.split()[-1]))
     model = TwoTowerForDiffusionLM.from_pretrained(RELEASE_FIXTURE, dtype=torch.float32).train()
-    (loss, grads), (dense_loss, dense_grads) = blockwise_and_dense(model, monkeypatch, gradients=form != "flex")
+    (loss, grads), (dense_loss, dense_grads) = blockwise_and_dense(model, monkeypatch, form != "flex")
+    if form == "flex":  # also over 20 blocks, where the BlockMask skips whole tiles
+        attention_layers = sum(layer.block_type == "full_attention" for layer in model.denoiser_tower.layers)
+        assert len(calls) == attention_layers > 0, "one flex_attention call per attention layer"
+        (long_loss, _), (long_dense_loss, _) = blockwise_and_dense(model, monkeypatch, False, blocks=(20, 13))
+        torch.testing.assert_close(long_loss, long_dense_loss, rtol=0, atol=1e-5)
+        assert calls[-1].sparsity() > 0, "whole tiles skipped"
     torch.testing.assert_close(loss, dense_loss, rtol=0, atol=1e-5)
     assert dense_grads.keys() == grads.keys() and (len(dense_grads) > 0) == (form != "flex")
     for name, grad in dense_grads.items():

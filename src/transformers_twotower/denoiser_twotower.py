@@ -179,31 +179,29 @@ class DenoiserAttention(NemotronHAttention):
     def _flex(self, query, key, value, context_keys, context_values, flex_mask: BlockMask) -> torch.Tensor:
         """Every block at once: one `flex_attention` call over [context keys | block keys] that skips what
         `flex_mask` hides, compiled (by the caller's `torch.compile`, or here). Returns (B, nb * S, heads, hd)."""
+        check_training_context(context_keys, query.shape[2])
         keys, values = torch.cat([context_keys, key], dim=2), torch.cat([context_values, value], dim=2)
         attend = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
-        output = attend(query, keys, values, block_mask=flex_mask, scale=self.scaling, enable_gqa=True)
+        output = attend(
+            query, keys, values, block_mask=flex_mask.to(query.device), scale=self.scaling, enable_gqa=True
+        )
         return output.transpose(1, 2)
 
     def _chunked(self, query, key, value, context_keys, context_values, key_real, num_blocks, dropout):
         """Blocks in chunks of `CHUNK_BLOCKS`, one attention call each: a chunk's queries over the context keys before
-        its end and its own blocks' keys, masked per block. Work grows as causal attention's, memory linearly: each
-        chunk is recomputed in the backward pass instead of keeping its keys and weights. Returns
+        its end and its own blocks' keys, masked by `sees_in_training`. Work grows as causal attention's, memory
+        linearly: each chunk is recomputed in the backward pass instead of keeping its keys and weights. Returns
         (B, nb * S, heads, hd)."""
-        block = query.shape[2] // num_blocks
-        context_length = context_keys.shape[2]
-        if context_length != num_blocks * block:
-            raise ValueError(
-                f"blockwise attention reads a context of nb * S = {num_blocks * block} keys, got {context_length}"
-            )
+        length = query.shape[2]
+        block = length // num_blocks
+        check_training_context(context_keys, length)
+        if key_real is not None:
+            key_real = key_real.to(query.device)  # the context tower's device, under a device map
         outputs = []
-        for first in range(0, num_blocks, CHUNK_BLOCKS):
-            chunk = slice(first * block, min(first + CHUNK_BLOCKS, num_blocks) * block)
-            real = None
-            if key_real is not None:
-                own_keys = slice(context_length + chunk.start, context_length + chunk.stop)
-                real = torch.cat([key_real[:, : chunk.stop], key_real[:, own_keys]], dim=1)
+        for start in range(0, length, CHUNK_BLOCKS * block):
+            chunk = slice(start, min(start + CHUNK_BLOCKS * block, length))
             inputs = (query[:, :, chunk], key[:, :, chunk], value[:, :, chunk], context_keys[:, :, : chunk.stop],
-                      context_values[:, :, : chunk.stop], real, first, block, dropout)  # fmt: skip
+                      context_values[:, :, : chunk.stop], key_real, chunk.start, length, block, dropout)  # fmt: skip
             if torch.is_grad_enabled():
                 # Recomputed in the backward pass (the mask too): otherwise every chunk would keep its own copy of the
                 # context keys, its mask and its attention weights for backward, memory quadratic in the sequence.
@@ -212,24 +210,35 @@ class DenoiserAttention(NemotronHAttention):
                 outputs.append(self._attend_chunk(*inputs))
         return torch.cat(outputs, dim=2).transpose(1, 2)
 
-    def _attend_chunk(self, query, key, value, context_keys, context_values, real, first_block, block, dropout):
-        """One chunk's queries (B, heads, L, hd), blocks `first_block ..`, over [context keys before the chunk's end |
-        the chunk's own keys]: a query sees the context before its block and its own block; `real` (B, keys) bool or
-        None. Returns (B, heads, L, hd)."""
-        length, device = query.shape[2], query.device
-        query_block = torch.arange(length, device=device) // block + first_block
-        context_block = torch.arange(context_keys.shape[2], device=device) // block
-        visible = torch.cat(
-            [context_block[None, :] < query_block[:, None], query_block[None, :] == query_block[:, None]], dim=1
-        )[None, None]  # (1, 1, L, keys)
-        if real is not None:
-            visible = visible & real[:, None, None, :]
+    def _attend_chunk(self, query, key, value, context_keys, context_values, key_real, start, length, block, dropout):
+        """One chunk's queries (B, heads, L, hd), at positions `start ..`, over [the context keys before the chunk's
+        end | the chunk's own keys]: `sees_in_training` on their positions in [context | blocks] (`length` each),
+        real keys only (`key_real` (B, 2 * length) bool, or None). Returns (B, heads, L, hd)."""
+        device = query.device
+        queries = torch.arange(start, start + query.shape[2], device=device)
+        keys_at = torch.cat([torch.arange(context_keys.shape[2], device=device), length + queries])
+        visible = sees_in_training(queries[:, None], keys_at[None, :], length, block)[None, None]  # (1, 1, L, keys)
+        if key_real is not None:
+            visible = visible & key_real[:, keys_at][:, None, None, :]
         mask = additive_mask(visible, query.dtype)  # built whatever it holds: reading it would sync with the host
         keys = torch.cat([context_keys, key], dim=2)
         values = torch.cat([context_values, value], dim=2)
         return F.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask, dropout_p=dropout, scale=self.scaling, enable_gqa=True
         )
+
+
+def check_training_context(context_keys: torch.Tensor, length: int):
+    if context_keys.shape[2] != length:
+        raise ValueError(f"training attention reads a context of nb * S = {length} keys, got {context_keys.shape[2]}")
+
+
+def sees_in_training(query: torch.Tensor, key: torch.Tensor, length: int, block: int) -> torch.Tensor:
+    """Training attention's rule (docs/architecture.md, "Training") on positions in [context keys | block keys],
+    `length` each: a query of block `b` sees the context keys `< b * S` and the keys of its own block. Broadcasts;
+    the chunked form and flex's `BlockMask` both read it."""
+    query_block = query // block
+    return torch.where(key < length, key < query_block * block, (key - length) // block == query_block)
 
 
 # Blocks per attention call in training's chunked form (`DenoiserAttention._chunked`): 128 queries a call. Fewer,
@@ -245,8 +254,9 @@ def flex_attention_runs(device: torch.device, dropout: float) -> bool:
 
 @functools.cache
 def compiled_flex_attention():
-    """`flex_attention` compiled once per process (eager, it runs a dense reference implementation)."""
-    return torch.compile(flex_attention, dynamic=False)
+    """`flex_attention` compiled once per process, with automatic dynamic shapes (eager it runs a dense reference
+    implementation, and static shapes would fall back to it past dynamo's recompile limit)."""
+    return torch.compile(flex_attention)
 
 
 def training_flex_mask(key_real: torch.Tensor | None, num_blocks: int, block: int, device) -> BlockMask:
@@ -256,12 +266,15 @@ def training_flex_mask(key_real: torch.Tensor | None, num_blocks: int, block: in
     length = num_blocks * block
 
     def visible(batch, head, query, key):
-        query_block = query // block
-        sees = torch.where(key < length, key < query_block * block, (key - length) // block == query_block)
+        sees = sees_in_training(query, key, length, block)
         return sees if key_real is None else sees & key_real[batch, key]
 
+    if key_real is not None:
+        key_real = key_real.to(device)
     rows = None if key_real is None else key_real.shape[0]
-    return create_block_mask(visible, rows, None, length, 2 * length, device=device)
+    # Compiled on CUDA, the mask is evaluated tile by tile; eager (the CPU tests) it is built whole, (B, N, 2N).
+    compiled = torch.device(device).type == "cuda"
+    return create_block_mask(visible, rows, None, length, 2 * length, device=device, _compile=compiled)
 
 
 class DenoiserMamba2Mixer(TwoTowerMamba2Mixer):
